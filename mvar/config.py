@@ -1,0 +1,221 @@
+"""Dataclasses that describe a model, and the named presets.
+
+A config fully determines the shapes of a state dict, so our safetensors files store it in
+their metadata (see ``checkpoints.py``) and a file loads without knowing its config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from .schedule import OFFICIAL_PATCH_NUMS, ScaleSchedule
+
+
+def _from_dict(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**converted)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Multi-scale residual VQ-VAE (VAR's tokenizer). Defaults are the official 256 px model."""
+
+    vocab_size: int = 4096
+    latent_channels: int = 32  # Cvae
+    channels: int = 160  # ch
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one entry per resolution level; /2 between levels
+    num_res_blocks: int = 2
+    patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
+    image_size: int = 256
+    num_phi: int = 4  # Phi convs shared over the scales
+    phi_ratio: float = 0.5  # Phi(x) = (1-r) x + r conv(x)
+    beta: float = 0.25  # commitment loss weight
+    use_attention: bool = True  # self-attention at the lowest resolution level
+    use_mid_attention: bool = True
+
+    def __post_init__(self) -> None:
+        schedule = ScaleSchedule(tuple(self.patch_nums))
+        object.__setattr__(self, "patch_nums", schedule.patch_nums)
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        if self.vocab_size < 2 or self.latent_channels < 1 or self.channels < 1:
+            raise ValueError("vocab_size >= 2, latent_channels >= 1 and channels >= 1 are required")
+        if any(self.channels * m % 32 for m in self.channel_mult):
+            raise ValueError("every level's channel count must be a multiple of 32 (GroupNorm with 32 groups)")
+        if self.image_size % self.downsample != 0:
+            raise ValueError(f"image_size {self.image_size} is not divisible by the downsampling {self.downsample}")
+        if self.image_size // self.downsample != schedule.final_side:
+            raise ValueError(
+                f"the last scale ({schedule.final_side}) must equal the latent side "
+                f"image_size/downsample = {self.image_size // self.downsample}"
+            )
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_side(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def schedule(self) -> ScaleSchedule:
+        return ScaleSchedule(self.patch_nums)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenizerConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The VAR/MVAR transformer: depth d gives width 64d and d heads in the official models."""
+
+    depth: int = 16
+    width: int = 1024  # C
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    vocab_size: int = 4096
+    latent_channels: int = 32  # Cvae of the tokenizer this model predicts for
+    patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
+    norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0  # training only
+    cond_drop_rate: float = 0.1  # label dropout to the null class, training only
+
+    def __post_init__(self) -> None:
+        schedule = ScaleSchedule(tuple(self.patch_nums))
+        object.__setattr__(self, "patch_nums", schedule.patch_nums)
+        if self.depth < 1 or self.num_heads < 1 or self.width < 1:
+            raise ValueError("depth, width and num_heads must be positive")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.num_classes < 1 or self.vocab_size < 2:
+            raise ValueError("num_classes >= 1 and vocab_size >= 2 are required")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    @property
+    def schedule(self) -> ScaleSchedule:
+        return ScaleSchedule(self.patch_nums)
+
+    @property
+    def null_class(self) -> int:
+        """Row of the class embedding used for unconditional / CFG branches."""
+        return self.num_classes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TransformerConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class AttentionMode:
+    """How the transformer's tokens may attend.
+
+    ``markov=False`` is VAR: block-causal over all earlier scales (KV cache at inference).
+    ``markov=True`` is MVAR: a scale attends only to itself (scale-Markov), and on scales
+    ``>= refine_step`` each query attends only to a ``kernel_size`` x ``kernel_size``
+    window of its own grid (spatial-Markov).
+    """
+
+    markov: bool = False
+    refine_step: int = 8
+    kernel_size: int = 7
+    backend: str = "auto"  # windowed attention backend: auto | dense | gather | natten
+
+    def __post_init__(self) -> None:
+        if self.refine_step < 0:
+            raise ValueError(f"refine_step must be >= 0, got {self.refine_step}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.backend not in ("auto", "dense", "gather", "natten"):
+            raise ValueError(f"unknown attention backend {self.backend!r}")
+
+    @property
+    def name(self) -> str:
+        return "MVAR" if self.markov else "VAR"
+
+    def is_windowed(self, scale: int) -> bool:
+        return self.markov and scale >= self.refine_step
+
+    @classmethod
+    def var(cls) -> AttentionMode:
+        return cls(markov=False)
+
+    @classmethod
+    def mvar(cls, refine_step: int = 8, kernel_size: int = 7, backend: str = "auto") -> AttentionMode:
+        return cls(markov=True, refine_step=refine_step, kernel_size=kernel_size, backend=backend)
+
+
+VAR_MODE = AttentionMode.var()
+MVAR_MODE = AttentionMode.mvar()
+
+
+def official_transformer(depth: int) -> TransformerConfig:
+    """VAR's published hyperparameters for depth ``depth`` (width 64d, d heads)."""
+    return TransformerConfig(
+        depth=depth, width=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24
+    )
+
+
+OFFICIAL_TOKENIZER = TokenizerConfig()
+
+# The small models this project trains on its embedded 64 px dataset: a /4 tokenizer gives the
+# same 16x16 latent and 10-scale schedule as the official 256 px models.
+SMALL_TOKENIZER = TokenizerConfig(
+    vocab_size=512, latent_channels=16, channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, image_size=64
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    transformer: TransformerConfig
+    tokenizer: TokenizerConfig = field(default=OFFICIAL_TOKENIZER)
+
+
+PRESETS: dict[str, Preset] = {
+    **{f"d{d}": Preset(f"d{d}", official_transformer(d)) for d in (16, 20, 24, 30)},
+    "small": Preset(
+        "small",
+        TransformerConfig(
+            depth=6, width=384, num_heads=6, num_classes=12,
+            vocab_size=SMALL_TOKENIZER.vocab_size, latent_channels=SMALL_TOKENIZER.latent_channels,
+            drop_path_rate=0.0,
+        ),
+        SMALL_TOKENIZER,
+    ),
+    "tiny": Preset(  # for tests: a few hundred thousand parameters
+        "tiny",
+        TransformerConfig(
+            depth=2, width=64, num_heads=2, num_classes=4, vocab_size=32, latent_channels=8,
+        ),
+        TokenizerConfig(
+            vocab_size=32, latent_channels=8, channels=32, channel_mult=(1, 1, 1), num_res_blocks=1,
+            image_size=64,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,271 @@
+"""Class-conditional generation, scale by scale, in VAR or MVAR mode.
+
+``generate_steps`` is the core: an iterator that yields after every scale (tokens, accumulated
+``f_hat``, optional preview, timing, optional attention weights), which the app streams from.
+``generate`` runs it to the end for batch generation.
+
+Determinism: every sample owns a ``torch.Generator`` seeded from its own seed and draws its
+random numbers in a fixed order, so a sample never depends on the other samples in its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import VAR_MODE, AttentionMode
+from .tokenizer import MultiScaleVQVAE
+from .transformer import AttentionCapture, ScaleTransformer
+
+SEED_MODULUS = 2**63  # any integer seed is folded into the generator's range
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """cfg: guidance strength (0 = no guidance, and no unconditional branch is run);
+    top_k: keep the k most likely tokens (0 = off); top_p: nucleus mass in (0, 1] (1 = off);
+    smooth: VAR's Gumbel-softmax smoothing of the token embeddings (for visualisation)."""
+
+    cfg: float = 1.5
+    top_k: int = 0
+    top_p: float = 1.0
+    smooth: bool = False
+
+    def validate(self, vocab_size: int) -> SamplingConfig:
+        if not isinstance(self.cfg, (int, float)) or self.cfg != self.cfg or self.cfg < 0 or self.cfg > 100:
+            raise ValueError(f"cfg must be a number in [0, 100], got {self.cfg!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= vocab_size:
+            raise ValueError(f"top_k must be an integer in 0..{vocab_size} (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        return self
+
+
+@dataclass
+class ScaleStep:
+    """What one scale of generation produced. B is the number of samples (CFG branch excluded)."""
+
+    scale: int
+    side: int
+    tokens: torch.Tensor  # (B, side*side)
+    f_hat: torch.Tensor  # (B, Cvae, h, w): accumulated map after this scale
+    preview: torch.Tensor | None  # (B, 3, H, W) in [0, 1], if previews were asked for
+    seconds: float  # wall time of this scale (transformer, sampling, accumulation, preview)
+    attention: dict[int, torch.Tensor] | None = None  # layer -> (B, H, nq, Nk), conditional branch
+    attention_queries: torch.Tensor | None = None  # (nq,) query positions within the scale
+    attention_keys_begin: int = 0  # flat position of key 0 (VAR: 0, MVAR: begin of this scale)
+
+
+@dataclass
+class Generation:
+    tokens: list[torch.Tensor]  # per scale (B, p*p)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    seconds_per_scale: list[float]
+    seconds_total: float
+
+
+def normalize_seed(seed) -> int:
+    """Any integer (negative, huge) -> a valid generator seed; non-integers are refused."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            if float(seed) != int(seed):
+                raise ValueError
+            seed = int(seed)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"seed must be an integer, got {seed!r}") from None
+    return seed % SEED_MODULUS
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top-k tokens and the smallest set whose probability reaches top_p: (N, V) -> (N, V)."""
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p  # the most likely token always survives (mass_before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs (N, V), uniforms (N,) in [0, 1) -> token ids (N,)."""
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(1)
+    # right=True: the first token whose cdf exceeds the target, never a zero-probability one
+    return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _check_batch(labels, seeds, num_classes: int, max_batch: int) -> tuple[list[int], list[int]]:
+    labels = [int(x) for x in (labels.tolist() if torch.is_tensor(labels) else labels)]
+    if not labels:
+        raise ValueError("at least one class label is required")
+    if len(labels) > max_batch:
+        raise ValueError(f"batch of {len(labels)} exceeds the limit of {max_batch} samples")
+    for label in labels:
+        if not 0 <= label <= num_classes:
+            raise ValueError(f"class id {label} is out of range 0..{num_classes - 1} ({num_classes} = unconditional)")
+    if isinstance(seeds, int) or not isinstance(seeds, Sequence):
+        base = normalize_seed(seeds)
+        seeds = [(base + i) % SEED_MODULUS for i in range(len(labels))]
+    else:
+        seeds = [normalize_seed(s) for s in seeds]
+    if len(seeds) != len(labels):
+        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
+    return labels, seeds
+
+
+@torch.no_grad()
+def generate_steps(
+    transformer: ScaleTransformer,
+    tokenizer: MultiScaleVQVAE,
+    labels: Sequence[int] | torch.Tensor,
+    seeds: int | Sequence[int] = 0,
+    sampling: SamplingConfig | None = None,
+    mode: AttentionMode = VAR_MODE,
+    previews: bool = False,
+    dtype: torch.dtype | None = None,
+    capture_layers: Sequence[int] | None = None,
+    capture_queries: Mapping[int, Sequence[int] | None] | None = None,
+    max_batch: int = 64,
+) -> Iterator[ScaleStep]:
+    """Generate B = len(labels) images, yielding after every scale.
+
+    seeds: one per sample, or one int (sample i then uses seed + i). dtype: autocast dtype for
+    the transformer (None/float32 = full precision; bfloat16 on CPU, float16/bfloat16 on CUDA).
+    capture_layers / capture_queries: record the attention weights of the chosen query tokens
+    ({scale: token indices or None for all}) at the chosen layers, conditional branch only.
+    """
+    cfg = transformer.cfg
+    sampling = (sampling or SamplingConfig()).validate(cfg.vocab_size)
+    labels, seeds = _check_batch(labels, seeds, cfg.num_classes, max_batch)
+    if tokenizer.cfg.patch_nums != cfg.patch_nums:
+        raise ValueError(
+            f"the tokenizer's scale schedule {tokenizer.cfg.patch_nums} does not match the "
+            f"transformer's {cfg.patch_nums}"
+        )
+    if tokenizer.cfg.vocab_size != cfg.vocab_size or tokenizer.cfg.latent_channels != cfg.latent_channels:
+        raise ValueError("tokenizer and transformer disagree on vocab_size or latent_channels")
+    layers = tuple(range(cfg.depth)) if capture_layers is None else tuple(int(i) for i in capture_layers)
+    if any(not 0 <= i < cfg.depth for i in layers):
+        raise ValueError(f"capture layers must be in 0..{cfg.depth - 1}, got {layers}")
+
+    device = transformer.pos_1LC.device
+    schedule = transformer.schedule
+    batch = len(labels)
+    guided = sampling.cfg > 0
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    branch_labels = torch.tensor(labels + ([cfg.null_class] * batch if guided else []), device=device)
+    codebook = tokenizer.quantize.embedding.weight
+
+    with _autocast(device, dtype):
+        cond = transformer.class_condition(branch_labels)
+        compute_dtype = transformer.word_embed(codebook[:1]).dtype
+    cache = None if mode.markov else transformer.new_kv_cache(len(branch_labels), compute_dtype)
+    side_final = schedule.final_side
+    f_hat = torch.zeros(batch, cfg.latent_channels, side_final, side_final, device=device)
+    scale_input = None
+
+    for scale, side in enumerate(cfg.patch_nums):
+        started = time.perf_counter()
+        capture = None
+        if capture_queries is not None and scale in capture_queries:
+            chosen = capture_queries[scale]
+            query_index = None if chosen is None else torch.as_tensor(list(chosen), dtype=torch.long)
+            if query_index is not None and (query_index.numel() == 0 or
+                                            int(query_index.min()) < 0 or int(query_index.max()) >= side * side):
+                raise ValueError(f"query tokens of scale {scale} must be in 0..{side * side - 1}")
+            capture = AttentionCapture(layers=layers, queries=query_index)
+
+        with _autocast(device, dtype):
+            step_input = None if scale_input is None else scale_input.repeat(2 if guided else 1, 1, 1)
+            x = transformer.embed_scale(scale, cond, step_input)
+            plan = transformer.plan_for(mode, [scale], cached=cache is not None)
+            hidden = transformer.run_blocks(x, cond, plan, cache, capture)
+            logits = transformer.logits(hidden, cond)  # (2B or B, n, V) fp32
+
+        ratio = schedule.guidance_ratio(scale)
+        if guided:
+            strength = sampling.cfg * ratio
+            logits = (1 + strength) * logits[:batch] - strength * logits[batch:]
+        filtered = filter_logits(logits.reshape(batch * side * side, -1), sampling.top_k, sampling.top_p)
+        filtered = filtered.view(batch, side * side, -1)
+        probs = filtered.softmax(dim=-1)
+        uniforms = torch.stack([torch.rand(side * side, generator=g, device=device) for g in generators])
+        tokens = sample_tokens(probs.view(batch * side * side, -1), uniforms.view(-1)).view(batch, side * side)
+
+        if sampling.smooth:
+            # Gumbel-softmax over sharpened logits: a soft mix of code vectors (VAR's "more smooth")
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            gumbels = torch.stack([
+                -torch.empty(side * side, cfg.vocab_size, device=device).exponential_(generator=g).log()
+                for g in generators
+            ])
+            weights = ((filtered * (1 + ratio) + gumbels) / tau).softmax(dim=-1)
+            embedded = weights @ codebook.float()
+        else:
+            embedded = codebook[tokens].float()
+        h_small = embedded.transpose(1, 2).reshape(batch, cfg.latent_channels, side, side)
+        f_hat = tokenizer.add_scale(f_hat, scale, h_small)
+        if scale + 1 < schedule.num_scales:
+            scale_input = tokenizer.scale_input(f_hat, scale + 1)
+
+        preview = None
+        if previews:
+            with _autocast(device, dtype):
+                preview = decode_to_unit(tokenizer, f_hat)
+        attention = None
+        if capture is not None:
+            attention = {layer: w[:batch].float() for layer, w in capture.weights.items()}
+        yield ScaleStep(
+            scale=scale, side=side, tokens=tokens, f_hat=f_hat, preview=preview,
+            seconds=time.perf_counter() - started, attention=attention,
+            attention_queries=None if capture is None else (
+                capture.queries if capture.queries is not None else torch.arange(side * side)),
+            attention_keys_begin=schedule.begin(scale) if mode.markov else 0,
+        )
+
+
+def decode_to_unit(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    """f_hat -> images (B, 3, H, W) in [0, 1], fp32."""
+    return tokenizer.decode(f_hat, chunk_size=chunk_size).float().add(1).mul(0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def generate(
+    transformer: ScaleTransformer,
+    tokenizer: MultiScaleVQVAE,
+    labels: Sequence[int] | torch.Tensor,
+    seeds: int | Sequence[int] = 0,
+    sampling: SamplingConfig | None = None,
+    mode: AttentionMode = VAR_MODE,
+    dtype: torch.dtype | None = None,
+    decode_chunk: int = 8,
+    max_batch: int = 64,
+) -> Generation:
+    """Generate to the end and decode once: the batch helper behind the CLI and the benchmarks."""
+    started = time.perf_counter()
+    steps = list(generate_steps(transformer, tokenizer, labels, seeds, sampling, mode,
+                                previews=False, dtype=dtype, max_batch=max_batch))
+    with _autocast(steps[-1].f_hat.device, dtype):
+        images = decode_to_unit(tokenizer, steps[-1].f_hat, decode_chunk)
+    return Generation(
+        tokens=[s.tokens for s in steps],
+        images=images,
+        seconds_per_scale=[s.seconds for s in steps],
+        seconds_total=time.perf_counter() - started,
+    )

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models with weights scrambled away from the near-identity init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mvar.config import get_preset
+from mvar.tokenizer import MultiScaleVQVAE
+from mvar.transformer import ScaleTransformer
+
+torch.set_num_threads(2)
+
+
+def scramble(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Random weights of a healthy size everywhere, so that every block matters in a test."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_preset():
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_preset):
+    return scramble(MultiScaleVQVAE(tiny_preset.tokenizer), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer(tiny_preset):
+    return scramble(ScaleTransformer(tiny_preset.transformer), seed=2)
+
+
+def random_tokens(schedule_patch_nums, vocab: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, p * p), generator=generator) for p in schedule_patch_nums]

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from mvar.config import MVAR_MODE, VAR_MODE, AttentionMode
+from mvar.sampling import (
+    SamplingConfig,
+    filter_logits,
+    generate,
+    generate_steps,
+    normalize_seed,
+    sample_tokens,
+)
+
+SETTINGS = SamplingConfig(cfg=2.0, top_k=20, top_p=0.9)
+
+
+@pytest.mark.parametrize("mode", [VAR_MODE, MVAR_MODE], ids=["var", "mvar"])
+def test_same_seed_same_tokens_and_batch_independence(tiny_transformer, tiny_tokenizer, mode):
+    first = generate(tiny_transformer, tiny_tokenizer, [1, 2, 3], seeds=[10, 11, 12], sampling=SETTINGS, mode=mode)
+    again = generate(tiny_transformer, tiny_tokenizer, [1, 2, 3], seeds=[10, 11, 12], sampling=SETTINGS, mode=mode)
+    assert all(torch.equal(a, b) for a, b in zip(first.tokens, again.tokens, strict=True))
+    assert torch.equal(first.images, again.images)
+    alone = generate(tiny_transformer, tiny_tokenizer, [2], seeds=[11], sampling=SETTINGS, mode=mode)
+    assert all(torch.equal(a[1:2], b) for a, b in zip(first.tokens, alone.tokens, strict=True))
+    other = generate(tiny_transformer, tiny_tokenizer, [2], seeds=[99], sampling=SETTINGS, mode=mode)
+    assert not all(torch.equal(a, b) for a, b in zip(other.tokens, alone.tokens, strict=True))
+    assert first.images.shape == (3, 3, 64, 64) and first.images.min() >= 0 and first.images.max() <= 1
+
+
+def test_step_iterator_yields_every_scale_with_previews(tiny_transformer, tiny_tokenizer):
+    steps = list(generate_steps(tiny_transformer, tiny_tokenizer, [0, 1], seeds=5, sampling=SETTINGS,
+                                mode=MVAR_MODE, previews=True))
+    assert [s.scale for s in steps] == list(range(10))
+    assert [s.tokens.shape for s in steps] == [(2, p * p) for p in tiny_transformer.cfg.patch_nums]
+    assert all(s.preview.shape == (2, 3, 64, 64) and s.seconds > 0 for s in steps)
+    # the accumulated map after the last scale is what the tokens imply
+    f_hats = tiny_tokenizer.tokens_to_fhats([s.tokens for s in steps])
+    torch.testing.assert_close(steps[-1].f_hat, f_hats[-1], atol=1e-5, rtol=1e-5)
+    # an int seed means seed + i for sample i
+    single = list(generate_steps(tiny_transformer, tiny_tokenizer, [1], seeds=6, sampling=SETTINGS, mode=MVAR_MODE))
+    assert torch.equal(single[-1].tokens[0], steps[-1].tokens[1])
+
+
+def test_attention_capture_records_only_requested_rows(tiny_transformer, tiny_tokenizer):
+    schedule = tiny_transformer.schedule
+    last = schedule.num_scales - 1
+    for mode in (VAR_MODE, MVAR_MODE):
+        steps = list(generate_steps(tiny_transformer, tiny_tokenizer, [1, 2], seeds=0, sampling=SETTINGS,
+                                    mode=mode, capture_layers=[1], capture_queries={last: [0, 255], 2: None}))
+        captured = steps[last].attention[1]
+        keys = schedule.end(last) if not mode.markov else schedule.tokens(last)
+        assert captured.shape == (2, tiny_transformer.cfg.num_heads, 2, keys)
+        torch.testing.assert_close(captured.sum(-1), torch.ones(2, 2, 2))
+        assert steps[2].attention[1].shape[2] == 9 and steps[3].attention is None
+        if mode.markov:
+            # the corner token's weights live in its 7x7 window at the grid's corner
+            grid = captured[0, 0, 0].view(16, 16)
+            assert grid[:7, :7].sum() == pytest.approx(1.0, abs=1e-5)
+            assert (grid[:7, :7] > 0).all()
+        else:
+            assert captured[0, 0, 0, :schedule.begin(last)].sum() > 0  # earlier scales are visible
+
+
+def test_cfg_zero_runs_no_unconditional_branch_and_is_still_deterministic(tiny_transformer, tiny_tokenizer):
+    plain = SamplingConfig(cfg=0.0)
+    a = generate(tiny_transformer, tiny_tokenizer, [1], seeds=3, sampling=plain, mode=VAR_MODE)
+    b = generate(tiny_transformer, tiny_tokenizer, [1], seeds=3, sampling=plain, mode=VAR_MODE)
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens, strict=True))
+
+
+def test_smoothing_and_bf16_paths_run(tiny_transformer, tiny_tokenizer):
+    smooth = SamplingConfig(cfg=1.0, smooth=True)
+    out = generate(tiny_transformer, tiny_tokenizer, [0], seeds=1, sampling=smooth, mode=MVAR_MODE)
+    assert torch.isfinite(out.images).all()
+    out = generate(tiny_transformer, tiny_tokenizer, [0, 1], seeds=1, sampling=SETTINGS, mode=VAR_MODE,
+                   dtype=torch.bfloat16)
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.01)).tolist() == [[False, True, True, True]]
+    assert not torch.isinf(filter_logits(logits, top_k=0, top_p=1.0)).any()
+
+
+def test_inverse_cdf_never_picks_zero_probability_tokens():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]]).repeat(5, 1)
+    picks = sample_tokens(probs, torch.tensor([0.0, 0.25, 0.5, 0.75, 0.999999]))
+    assert picks.tolist() == [1, 1, 3, 3, 3]
+
+
+def test_seed_normalisation():
+    assert normalize_seed(-1) == 2**63 - 1
+    assert normalize_seed(2**70) == (2**70) % 2**63
+    assert normalize_seed(5.0) == 5
+    for bad in ("abc", 1.5, None, float("nan")):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            normalize_seed(bad)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(labels=[10]), "class id 10 is out of range"),
+    (dict(labels=[-1]), "out of range"),
+    (dict(labels=[]), "at least one class label"),
+    (dict(sampling=SamplingConfig(top_k=-1)), "top_k"),
+    (dict(sampling=SamplingConfig(top_k=10_000)), "top_k"),
+    (dict(sampling=SamplingConfig(top_p=0.0)), "top_p"),
+    (dict(sampling=SamplingConfig(top_p=1.5)), "top_p"),
+    (dict(sampling=SamplingConfig(cfg=-1.0)), "cfg"),
+    (dict(sampling=SamplingConfig(cfg=float("nan"))), "cfg"),
+    (dict(labels=[0] * 9, max_batch=8), "exceeds the limit"),
+    (dict(seeds=[1, 2]), "2 seeds for 1 labels"),
+    (dict(capture_layers=[7], capture_queries={0: None}), "capture layers"),
+    (dict(capture_layers=[0], capture_queries={2: [9]}), "query tokens of scale 2"),
+])
+def test_bad_arguments_raise_value_errors(tiny_transformer, tiny_tokenizer, kwargs, message):
+    args = dict(labels=[1], seeds=0, sampling=SETTINGS, mode=MVAR_MODE) | kwargs
+    with pytest.raises(ValueError, match=message):
+        list(generate_steps(tiny_transformer, tiny_tokenizer, **args))
+
+
+def test_schedule_mismatch_between_tokenizer_and_transformer_is_refused(tiny_transformer):
+    from mvar.config import TokenizerConfig
+    from mvar.tokenizer import MultiScaleVQVAE
+    other = MultiScaleVQVAE(TokenizerConfig(vocab_size=32, latent_channels=8, channels=32, channel_mult=(1, 1, 1),
+                                            num_res_blocks=1, image_size=64, patch_nums=(1, 2, 4, 8, 16)))
+    with pytest.raises(ValueError, match="does not match"):
+        list(generate_steps(tiny_transformer, other, [1], mode=AttentionMode.mvar()))

@@ -1,0 +1,159 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvar.attention import neighborhood_mask
+from mvar.config import MVAR_MODE, VAR_MODE, AttentionMode, TransformerConfig, official_transformer
+from mvar.transformer import ScaleTransformer
+
+from .conftest import random_tokens
+
+LAYOUT = json.loads((Path(__file__).parent / "data" / "official_layout.json").read_text())
+OFFICIAL_BUFFERS = {"lvl_1L", "attn_bias_for_masking"}
+
+
+def stepwise_logits(transformer, tokenizer, labels, tokens, mode):
+    """Inference path (one scale at a time, KV cache in VAR mode) on given tokens: (B, L, V)."""
+    cond = transformer.class_condition(labels)
+    cache = None if mode.markov else transformer.new_kv_cache(len(labels))
+    f_hats = tokenizer.tokens_to_fhats(tokens)
+    outputs = []
+    for scale in range(transformer.schedule.num_scales):
+        scale_input = None if scale == 0 else tokenizer.scale_input(f_hats[scale - 1], scale)
+        x = transformer.embed_scale(scale, cond, scale_input)
+        plan = transformer.plan_for(mode, [scale], cached=cache is not None)
+        outputs.append(transformer.logits(transformer.run_blocks(x, cond, plan, cache), cond))
+    return torch.cat(outputs, dim=1)
+
+
+def test_official_layout_matches_var_d16_key_for_key():
+    with torch.device("meta"):
+        model = ScaleTransformer(official_transformer(16))
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    official = {k: v for k, v in LAYOUT["transformer_d16"].items()
+                if k not in OFFICIAL_BUFFERS and not k.endswith("zero_k_bias")}
+    assert ours == official
+    # the buffers we derive instead of storing are exactly the official file's extras
+    extras = set(LAYOUT["transformer_d16"]) - set(ours)
+    assert extras == OFFICIAL_BUFFERS | {f"blocks.{i}.attn.zero_k_bias" for i in range(16)}
+
+
+@pytest.mark.parametrize("depth,millions", [(16, 310), (20, 600), (24, 1000), (30, 2000)])
+def test_official_presets_have_the_published_sizes(depth, millions):
+    with torch.device("meta"):
+        model = ScaleTransformer(official_transformer(depth))
+    assert abs(model.num_parameters / 1e6 - millions) / millions < 0.06
+
+
+def test_var_kv_cached_inference_equals_teacher_forcing(tiny_transformer, tiny_tokenizer):
+    tokens = random_tokens(tiny_transformer.cfg.patch_nums, tiny_transformer.cfg.vocab_size, batch=2)
+    labels = torch.tensor([1, tiny_transformer.cfg.null_class])
+    with torch.no_grad():
+        teacher = tiny_transformer(labels, tiny_tokenizer.teacher_forcing_inputs(tokens), VAR_MODE)
+        stepwise = stepwise_logits(tiny_transformer, tiny_tokenizer, labels, tokens, VAR_MODE)
+    assert teacher.shape == (2, 680, tiny_transformer.cfg.vocab_size)
+    torch.testing.assert_close(stepwise, teacher, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_mvar_inference_equals_teacher_forcing(tiny_transformer, tiny_tokenizer, backend):
+    mode = AttentionMode.mvar(backend=backend)
+    tokens = random_tokens(tiny_transformer.cfg.patch_nums, tiny_transformer.cfg.vocab_size, batch=2, seed=5)
+    labels = torch.tensor([0, 3])
+    with torch.no_grad():
+        teacher = tiny_transformer(labels, tiny_tokenizer.teacher_forcing_inputs(tokens), mode)
+        stepwise = stepwise_logits(tiny_transformer, tiny_tokenizer, labels, tokens, mode)
+        # a forward over one windowed scale alone gives that scale's slice
+        only_13 = tiny_transformer(labels, tiny_tokenizer.teacher_forcing_inputs(tokens), mode, 8, 8)
+    torch.testing.assert_close(stepwise, teacher, atol=2e-5, rtol=1e-4)
+    begin, end = tiny_transformer.schedule.begin(8), tiny_transformer.schedule.end(8)
+    torch.testing.assert_close(only_13, teacher[:, begin:end], atol=2e-5, rtol=1e-4)
+
+
+def test_var_and_mvar_differ_on_the_same_weights(tiny_transformer, tiny_tokenizer):
+    tokens = random_tokens(tiny_transformer.cfg.patch_nums, tiny_transformer.cfg.vocab_size, batch=1, seed=6)
+    inputs = tiny_tokenizer.teacher_forcing_inputs(tokens)
+    labels = torch.tensor([2])
+    with torch.no_grad():
+        var = tiny_transformer(labels, inputs, VAR_MODE)
+        mvar = tiny_transformer(labels, inputs, MVAR_MODE)
+    assert torch.allclose(var[:, :1], mvar[:, :1], atol=1e-6)  # scale 0 attends only to itself either way
+    assert not torch.allclose(var[:, 1:], mvar[:, 1:], atol=1e-3)
+
+
+def _logits_after_perturbing(transformer, inputs, labels, mode, positions):
+    """Teacher-forced logits after changing the inputs at flat sequence positions (>= 1)."""
+    changed = inputs.clone()
+    for position in positions:
+        changed[:, position - 1] += 1.0  # inputs exclude scale 0's single token
+    with torch.no_grad():
+        return transformer(labels, changed, mode)
+
+
+def test_mvar_queries_ignore_tokens_outside_their_scale_and_window(tiny_transformer, tiny_tokenizer):
+    schedule = tiny_transformer.schedule
+    tokens = random_tokens(schedule.patch_nums, tiny_transformer.cfg.vocab_size, batch=1, seed=7)
+    inputs = tiny_tokenizer.teacher_forcing_inputs(tokens)
+    labels = torch.tensor([1])
+    with torch.no_grad():
+        base = tiny_transformer(labels, inputs, MVAR_MODE)
+    last = schedule.num_scales - 1  # 16x16, windowed with k = 7
+    begin = schedule.begin(last)
+    query = begin + 0  # the corner token (0, 0): its window is rows 0..6, cols 0..6
+
+    outside_scale = _logits_after_perturbing(tiny_transformer, inputs, labels, MVAR_MODE,
+                                             range(schedule.begin(last - 1), schedule.end(last - 1)))
+    assert torch.equal(outside_scale[:, query], base[:, query])
+    # with depth D the query's output depends on its window's windows, D times over
+    window = neighborhood_mask(16, 16, 7)
+    reach = window[0].clone()
+    for _ in range(tiny_transformer.cfg.depth - 1):
+        reach = window[reach].any(0)
+    outside = [begin + i for i in torch.nonzero(~reach).flatten().tolist()]
+    assert len(outside) > 50  # 16x16 grid, 2 layers of 7x7 windows: a 10x10 corner is reachable
+    outside_window = _logits_after_perturbing(tiny_transformer, inputs, labels, MVAR_MODE, outside)
+    assert torch.equal(outside_window[:, query], base[:, query])
+    inside_window = _logits_after_perturbing(tiny_transformer, inputs, labels, MVAR_MODE, [begin + 6 * 16 + 6])
+    assert not torch.allclose(inside_window[:, query], base[:, query], atol=1e-4)
+
+    # an early (non-windowed) scale: every token of its own scale matters, no other scale does
+    scale = 5
+    q5 = schedule.begin(scale)
+    other = _logits_after_perturbing(tiny_transformer, inputs, labels, MVAR_MODE,
+                                     range(schedule.begin(4), schedule.end(4)))
+    assert torch.equal(other[:, q5], base[:, q5])
+    same = _logits_after_perturbing(tiny_transformer, inputs, labels, MVAR_MODE, [schedule.end(scale) - 1])
+    assert not torch.allclose(same[:, q5], base[:, q5], atol=1e-4)
+
+
+def test_var_queries_see_earlier_scales_but_not_later(tiny_transformer, tiny_tokenizer):
+    schedule = tiny_transformer.schedule
+    tokens = random_tokens(schedule.patch_nums, tiny_transformer.cfg.vocab_size, batch=1, seed=8)
+    inputs = tiny_tokenizer.teacher_forcing_inputs(tokens)
+    labels = torch.tensor([1])
+    with torch.no_grad():
+        base = tiny_transformer(labels, inputs, VAR_MODE)
+    q = schedule.begin(5)
+    earlier = _logits_after_perturbing(tiny_transformer, inputs, labels, VAR_MODE, [schedule.begin(2)])
+    later = _logits_after_perturbing(tiny_transformer, inputs, labels, VAR_MODE, [schedule.begin(6)])
+    assert not torch.allclose(earlier[:, q], base[:, q], atol=1e-4)
+    assert torch.equal(later[:, q], base[:, q])
+
+
+def test_bad_arguments_raise_value_errors(tiny_transformer, tiny_tokenizer):
+    tokens = random_tokens(tiny_transformer.cfg.patch_nums, tiny_transformer.cfg.vocab_size, batch=1)
+    inputs = tiny_tokenizer.teacher_forcing_inputs(tokens)
+    with pytest.raises(ValueError, match="class id out of range"):
+        tiny_transformer(torch.tensor([99]), inputs)
+    with pytest.raises(ValueError, match="class id out of range"):
+        tiny_transformer(torch.tensor([-1]), inputs)
+    with pytest.raises(ValueError, match="scale_inputs must be"):
+        tiny_transformer(torch.tensor([0]), inputs[:, :10])
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_transformer(torch.tensor([0]), inputs, VAR_MODE, 0, 10)
+    with pytest.raises(ValueError, match="not divisible"):
+        TransformerConfig(width=100, num_heads=3)
+    with pytest.raises(ValueError, match="odd"):
+        AttentionMode.mvar(kernel_size=6)

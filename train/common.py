@@ -1,0 +1,232 @@
+"""What every training script shares: distributed setup, step-indexed data order, the learning
+rate schedule, EMA weights, atomic resumable checkpoints and the metrics log.
+
+Resumability is exact: the data order and every random draw are functions of (seed, step) or
+live in the checkpoint, so a run killed at any point and resumed from its last checkpoint ends
+with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(timeout_seconds: int = 600) -> DistInfo:
+    """Initialise the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
+
+    The timeout makes the surviving ranks fail with an error when one rank dies, instead of
+    waiting forever in a collective.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return DistInfo(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend, device = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= info.world_size
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order: batches are a pure function of (seed, step), sharded over ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_indices(step: int, dataset_size: int, global_batch: int, seed: int, info: DistInfo) -> list[int]:
+    """Dataset indices of this rank's share of global step ``step``.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); the global batch is split
+    into ``world_size`` contiguous shares, so 2 ranks x B samples see exactly the same samples
+    as 1 rank x 2B.
+    """
+    if global_batch % info.world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by {info.world_size} ranks")
+    if dataset_size < global_batch:
+        raise ValueError(f"dataset of {dataset_size} samples is smaller than one batch ({global_batch})")
+    per_epoch = dataset_size // global_batch  # drop the last partial batch of each epoch
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    share = global_batch // info.world_size
+    start = position * global_batch + info.rank * share
+    return order[start : start + share].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, final_ratio: float = 0.1) -> float:
+    """Linear warmup to ``peak``, then cosine decay to ``peak * final_ratio`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters (fp32 copies)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                       if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, value in model.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(value.float(), 1 - self.decay)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        model.load_state_dict({k: self.shadow.get(k, v).to(v.dtype) for k, v in state.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder: checkpoints and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def check_output_dir(path: Path, need_bytes: int = 200 * 2**20) -> None:
+    """Fail before training starts if the run folder cannot be written or the disk is full."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-") as handle:
+            handle.write(b"x")
+            handle.flush()
+    except OSError as err:
+        raise SystemExit(f"error: run folder {path} is not writable: {err}") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise SystemExit(f"error: only {free / 2**20:.0f} MiB free under {path}; "
+                         f"need at least {need_bytes / 2**20:.0f} MiB for checkpoints")
+
+
+class RunFolder:
+    """checkpoints/step-XXXXXXX.pt (the newest ``keep`` of them) and metrics.jsonl."""
+
+    def __init__(self, path, keep: int = 2):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.keep = keep
+
+    def save(self, step: int, state: dict) -> Path:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        target = self.checkpoints / f"step-{step:07d}.pt"
+        fd, tmp = tempfile.mkstemp(dir=self.checkpoints, prefix=".tmp-", suffix=".pt")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, target)  # atomic: a reader sees the old file set or the new one
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for old in self.list()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def list(self) -> list[Path]:
+        return sorted(self.checkpoints.glob("step-*.pt")) if self.checkpoints.exists() else []
+
+    def load_latest(self) -> dict | None:
+        """The newest readable checkpoint; a corrupt newest one falls back to the previous with a warning."""
+        for path in reversed(self.list()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # truncated zip, bad pickle: all mean "unusable"
+                warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+                              "falling back to the previous one", stacklevel=2)
+        return None
+
+    def log(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class Throughput:
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.samples = 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def rate(self) -> float:
+        return self.samples / max(1e-9, time.perf_counter() - self.started)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CPU; bf16 or fp16 on CUDA; nothing for fp32."""
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise SystemExit("error: fp16 autocast is for CUDA; use --precision bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def command_line() -> str:
+    return " ".join(["python", "-m", "train." + Path(sys.argv[0]).stem] + sys.argv[1:])
