@@ -196,7 +196,7 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         "small",
         TransformerConfig(
-            depth=6, width=384, num_heads=6, num_classes=12,
+            depth=6, width=192, num_heads=3, num_classes=12,
             vocab_size=SMALL_TOKENIZER.vocab_size, latent_channels=SMALL_TOKENIZER.latent_channels,
             drop_path_rate=0.0,
         ),
@@ -205,7 +205,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(  # for tests: a few hundred thousand parameters
         "tiny",
         TransformerConfig(
-            depth=2, width=64, num_heads=2, num_classes=4, vocab_size=32, latent_channels=8,
+            depth=2, width=64, num_heads=2, num_classes=12, vocab_size=32, latent_channels=8,
         ),
         TokenizerConfig(
             vocab_size=32, latent_channels=8, channels=32, channel_mult=(1, 1, 1), num_res_blocks=1,

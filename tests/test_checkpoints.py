@@ -21,8 +21,11 @@ from mvar.transformer import ScaleTransformer
 
 
 def test_d16_official_layout_loads_strictly_and_round_trips_bit_exactly(tmp_path):
-    torch.manual_seed(0)
-    model = ScaleTransformer(official_transformer(16))
+    model = ScaleTransformer.empty(official_transformer(16))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02, generator=generator)
     official = official_transformer_state_dict(model)
     pth = tmp_path / "var_d16.pth"
     torch.save(official, pth)
@@ -135,3 +138,17 @@ def test_kind_mismatch_is_refused(tmp_path, tiny_tokenizer):
 def test_infer_config_refuses_foreign_state_dicts():
     with pytest.raises(CheckpointError, match="not a VAR/MVAR transformer"):
         infer_transformer_config({"conv.weight": torch.zeros(3)})
+
+
+def test_hub_download_without_huggingface_hub_says_what_to_put_where(tmp_path, monkeypatch):
+    import sys
+
+    from mvar.checkpoints import download_official, official_file_path
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    with pytest.raises(CheckpointError, match="put var_d16.pth from the hub repo FoundationVision/var"):
+        download_official("var-d16", tmp_path)
+    existing = official_file_path("mvar-d16", tmp_path)
+    existing.write_bytes(b"x")
+    assert download_official("mvar-d16", tmp_path) == existing  # present: no download attempted
+    with pytest.raises(ValueError, match="unknown official file"):
+        download_official("var-d99", tmp_path)

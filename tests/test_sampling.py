@@ -102,7 +102,7 @@ def test_seed_normalisation():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(labels=[10]), "class id 10 is out of range"),
+    (dict(labels=[13]), "class id 13 is out of range"),
     (dict(labels=[-1]), "out of range"),
     (dict(labels=[]), "at least one class label"),
     (dict(sampling=SamplingConfig(top_k=-1)), "top_k"),

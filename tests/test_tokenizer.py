@@ -77,3 +77,18 @@ def test_bad_inputs_raise_value_errors(tiny_tokenizer):
         TokenizerConfig(image_size=64, channel_mult=(1, 1, 2, 2, 4))  # 64/16 = 4 != 16
     with pytest.raises(ValueError, match="strictly increasing"):
         TokenizerConfig(patch_nums=(1, 2, 2, 16))
+
+
+def test_shipped_tokenizer_error_falls_monotonically_with_more_scales():
+    """On held-out images, decoding the first s scales gets closer to the image as s grows."""
+    from mvar.checkpoints import load_model
+    from train.embedded_data import EmbeddedDataset
+
+    tokenizer = load_model(Path(__file__).parent.parent / "assets" / "tokenizer.safetensors", expect="tokenizer").model
+    data = EmbeddedDataset("val", size=8, seed=123)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        _, f_hats = tokenizer.quantize.quantize(tokenizer.encode_latent(images))
+        errors = [float((tokenizer.decode(f) - images).square().mean()) for f in f_hats]
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < 0.25 * errors[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +95,21 @@ def file_digest(path) -> str:
 
 @torch.no_grad()
 def token_cache(tokenizer, tokenizer_path, dataset, cache_dir, split: str, batch_size: int = 128,
-                log=print) -> tuple[torch.Tensor, torch.Tensor]:
+                log=print, is_main: bool = True, wait_seconds: float = 24 * 3600) -> tuple[torch.Tensor, torch.Tensor]:
     """All tokens of a dataset as one (N, L) int16 tensor plus labels (N,), cached on disk.
 
     The cache file is named by the tokenizer file's digest, so a changed tokenizer never reuses
-    stale tokens.
+    stale tokens. Only the main rank encodes; the others wait for the file (a file wait rather
+    than a collective, whose timeout is meant for dead ranks, not for a long encoding pass).
     """
     digest = file_digest(tokenizer_path)
     path = Path(cache_dir) / f"tokens-{split}-{len(dataset)}-{digest}.pt"
+    if not is_main:
+        deadline = time.monotonic() + wait_seconds
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: gave up waiting for the token cache {path} from rank 0")
+            time.sleep(2)
     if path.exists():
         cached = torch.load(path, weights_only=True)
         return cached["tokens"].long(), cached["labels"]

@@ -65,6 +65,7 @@ class TokenizerTraining:
     log_every: int = 25
     stop_after: int = 0  # stop this process after this many steps (0 = run to the end): chunked runs
     seed: int = 0
+    num_threads: int = 0  # torch threads (0 = leave torch's default)
     export: str = ""  # write the final model here in our safetensors format
 
 
@@ -140,6 +141,8 @@ def evaluate(model: MultiScaleVQVAE, dataset, count: int, batch_size: int = 64) 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     info = setup_distributed()
     run = RunFolder(args.run_dir)
     if info.is_main:
@@ -219,8 +222,9 @@ def main(argv=None) -> None:
                 tqdm.write(f"step {step}: codebook use {used:.1%}, re-seeded {count} dead codes")
             usage.hits.zero_()
 
-        if info.is_main and step % args.log_every == 0:
+        if step % args.log_every == 0:  # the all-reduce is a collective: every rank must join it
             values = all_reduce_mean(torch.stack([loss.detach(), l1.detach(), l2.detach(), vq_loss.detach()]), info)
+        if info.is_main and step % args.log_every == 0:
             record = {"step": step, "loss": float(values[0]), "l1": float(values[1]), "l2": float(values[2]),
                       "vq": float(values[3]), "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
                       "train_psnr": psnr(reconstruction.detach(), images), "images_per_s": meter.rate()}

@@ -106,11 +106,11 @@ def iteration_scales(step: int, mode: AttentionMode, num_scales: int, ratio_k: i
     windowed = list(range(mode.refine_step, num_scales))
     if not windowed:
         return 0, num_scales - 1
-    cycle = ratio_k + len(windowed)
-    position = step % cycle
-    if position < ratio_k and mode.refine_step > 0:
+    joint = ratio_k if mode.refine_step > 0 else 0  # refine_step 0: every scale is windowed, no joint block
+    position = step % (joint + len(windowed))
+    if position < joint:
         return 0, mode.refine_step - 1
-    scale = windowed[max(0, position - ratio_k) % len(windowed)]
+    scale = windowed[position - joint]
     return scale, scale
 
 
@@ -192,8 +192,9 @@ def main(argv=None) -> None:
                                            args.seed, flip=True)
     val_set, _ = build_dataset(args.data, "val", tokenizer.cfg.image_size, args.val_size, args.seed, flip=False)
     cache_dir = run.path / "token-cache"
-    train_tokens, train_labels = token_cache(tokenizer, args.tokenizer, train_set, cache_dir, "train")
-    val_tokens, val_labels = token_cache(tokenizer, args.tokenizer, val_set, cache_dir, "val")
+    train_tokens, train_labels = token_cache(tokenizer, args.tokenizer, train_set, cache_dir, "train",
+                                             is_main=info.is_main)
+    val_tokens, val_labels = token_cache(tokenizer, args.tokenizer, val_set, cache_dir, "val", is_main=info.is_main)
     if len(class_names) != config.num_classes:
         raise SystemExit(f"error: the data has {len(class_names)} classes, the preset {config.num_classes}")
 
@@ -255,8 +256,9 @@ def main(argv=None) -> None:
         for scale, (scale_loss, acc) in per_scale.items():
             window_stats.setdefault(scale, []).append((float(scale_loss), float(acc)))
 
-        if info.is_main and step % args.log_every == 0:
+        if step % args.log_every == 0:  # the all-reduce is a collective: every rank must join it
             loss_value = float(all_reduce_mean(loss.detach().reshape(1), info))
+        if info.is_main and step % args.log_every == 0:
             record = {"step": step, "loss": loss_value, "grad_norm": float(grad_norm),
                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": meter.rate(),
                       "train_loss_per_scale": {s: sum(v[0] for v in vals) / len(vals)
