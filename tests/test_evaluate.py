@@ -131,8 +131,8 @@ def test_load_classifier_errors_name_the_problem(tmp_path):
         load_classifier(tokenizer)
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="assets/classifier.safetensors not built yet")
 def test_shipped_classifier_recognises_held_out_images():
+    """The judge that ships must be good: a missing or weak assets/classifier.safetensors fails here (~1 s)."""
     loaded = load_classifier(SHIPPED)
     assert SHIPPED.stat().st_size < 5 * 2**20
     assert loaded.config.num_classes == embedded_data.NUM_CLASSES

@@ -365,7 +365,8 @@ def test_resume_after_sigkill_is_bit_exact(mode, tokenizer_run, uninterrupted, t
     ours = load_model(run_dir / "model.safetensors", expect="transformer").model.state_dict()
     theirs = load_model(reference / "model.safetensors", expect="transformer").model.state_dict()
     assert_states_equal(ours, theirs)
-    # the metrics log of the resumed run has every logged step of the uninterrupted run, same values
+    # the metrics log has every logged step of the uninterrupted run with the same loss (a step logged
+    # after the last checkpoint and before the kill is logged twice, with the same value)
     def losses(folder):
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in records if "loss" in r}
