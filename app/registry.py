@@ -161,6 +161,7 @@ class ModelRegistry:
         mode = AttentionMode.mvar(refine_step=attention.get("refine_step", 8),
                                   kernel_size=attention.get("kernel_size", 7))
         sampling = {**VAR_SAMPLING, **entry.sampling, **mvar.extra.get("sampling_defaults", {})}
+        sampling["top_k"] = min(int(sampling["top_k"]), transformer.cfg.vocab_size)  # 900 means nothing at vocab 32
         return LoadedModels(entry, tokenizer, transformer, var_model, list(names), sampling, mode)
 
 

@@ -1,0 +1,337 @@
+"""Event handlers: plain functions from widget values to widget values.
+
+Generation runs MVAR and the VAR baseline on the same class and seeds, one scale of each in
+turn, and streams a frame per scale. What a view needs later (per-scale previews, timings, the
+captured attention of sample 0) is kept in a :class:`GenerationRecord` held in ``gr.State``, so
+stepping through scales or clicking tokens never recomputes the generation.
+
+Handlers raise :class:`UserError` (shown as a message in the page) for bad input.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mvar.config import VAR_MODE, AttentionMode
+from mvar.costs import generation_cost
+from mvar.sampling import SamplingConfig, generate_steps, normalize_seed
+
+from . import plots
+from .analysis import AttentionStats, mass_per_key_scale, scale_grid, window_box
+from .registry import LoadedModels, ModelRegistry
+
+MAX_IMAGES = 4
+CAPTURE_BUDGET_BYTES = 64 * 2**20  # per model and generation; beyond it only some layers are captured
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for: shown in the page, never as a traceback."""
+
+
+@dataclass
+class ModelRun:
+    """One model's side of a generation (MVAR or the VAR baseline)."""
+
+    mode: AttentionMode
+    previews: list[np.ndarray] = field(default_factory=list)  # per scale, sample 0, (H, W, 3) uint8
+    finals: list[np.ndarray] = field(default_factory=list)  # every sample's final image
+    seconds: list[float] = field(default_factory=list)
+    attention: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per scale: layer -> (H, nq, Nk) fp16
+    keys_begin: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRecord:
+    model_key: str
+    class_name: str
+    seed: int
+    patch_nums: tuple[int, ...]
+    captured_layers: tuple[int, ...]
+    num_heads: int
+    kernel_size: int
+    refine_step: int
+    runs: dict[str, ModelRun]  # "MVAR", "VAR"
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_settings(models: LoadedModels, class_name, seed, cfg, top_k, top_p, smooth, num_images):
+    if class_name not in models.class_names:
+        raise UserError(f"unknown class {class_name!r}: pick one from the list")
+    try:
+        seed = normalize_seed(seed)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    try:
+        num_images = int(num_images)
+        top_k = int(top_k)
+        sampling = SamplingConfig(cfg=float(cfg), top_k=top_k, top_p=float(top_p), smooth=bool(smooth))
+        sampling.validate(models.transformer.cfg.vocab_size)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"bad sampling setting: {err}") from None
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise UserError(f"number of images must be 1..{MAX_IMAGES}, got {num_images}")
+    return models.class_names.index(class_name), seed, sampling, num_images
+
+
+def capture_layers_for(models: LoadedModels) -> tuple[int, ...]:
+    """All layers when their VAR attention rows of sample 0 fit the budget, else evenly spaced ones."""
+    cfg = models.transformer.cfg
+    schedule = cfg.schedule
+    per_layer = sum(schedule.tokens(s) * schedule.end(s) for s in range(schedule.num_scales)) * cfg.num_heads * 2
+    count = max(1, min(cfg.depth, CAPTURE_BUDGET_BYTES // per_layer))
+    return tuple(sorted({round(i * (cfg.depth - 1) / max(1, count - 1)) for i in range(count)}))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    """What the page shows after each scale of each model."""
+
+    mvar_image: np.ndarray | None
+    var_image: np.ndarray | None
+    status: str
+    record: GenerationRecord | None = None
+
+
+def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, seed, cfg, top_k, top_p, smooth,
+                    num_images, dtype: torch.dtype | None = None) -> Iterator[Frame]:
+    """Run MVAR and VAR scale by scale, alternating, and yield a frame after each scale of each."""
+    models = registry.load(model_key)
+    label, seed, sampling, num_images = parse_settings(models, class_name, seed, cfg, top_k, top_p, smooth,
+                                                       num_images)
+    layers = capture_layers_for(models)
+    patch_nums = models.transformer.cfg.patch_nums
+    queries = dict.fromkeys(range(len(patch_nums)))  # every query of every scale
+    streams = {
+        "MVAR": generate_steps(models.transformer, models.tokenizer, [label] * num_images, seed, sampling,
+                               models.mvar_mode, previews=True, dtype=dtype, capture_layers=layers,
+                               capture_queries=queries),
+        "VAR": generate_steps(models.var_transformer, models.tokenizer, [label] * num_images, seed, sampling,
+                              VAR_MODE, previews=True, dtype=dtype, capture_layers=layers, capture_queries=queries),
+    }
+    runs = {name: ModelRun(mode=models.mvar_mode if name == "MVAR" else VAR_MODE) for name in streams}
+    record = GenerationRecord(model_key, class_name, seed, patch_nums, layers, models.transformer.cfg.num_heads,
+                              models.mvar_mode.kernel_size, models.mvar_mode.refine_step, runs)
+    latest = {"MVAR": None, "VAR": None}
+    started = time.perf_counter()
+    for scale in range(len(patch_nums)):
+        for name, stream in streams.items():
+            step = next(stream)
+            run = runs[name]
+            images = to_uint8(step.preview)
+            run.previews.append(images[0])
+            run.seconds.append(step.seconds)
+            run.attention.append({layer: w[0].half() for layer, w in (step.attention or {}).items()})
+            run.keys_begin.append(step.attention_keys_begin)
+            if scale == len(patch_nums) - 1:
+                run.finals = list(images)
+            latest[name] = images[0]
+            status = (f"scale {scale + 1}/{len(patch_nums)} ({step.side}x{step.side})  |  "
+                      f"MVAR {sum(runs['MVAR'].seconds) * 1000:.0f} ms, VAR {sum(runs['VAR'].seconds) * 1000:.0f} ms"
+                      f"  |  wall {time.perf_counter() - started:.2f} s")
+            yield Frame(latest["MVAR"], latest["VAR"], status)
+    yield Frame(latest["MVAR"], latest["VAR"], f"done: {status}. {models.baseline_note}.", record)
+
+
+def random_seed() -> int:
+    return random.randrange(0, 2**31 - 1)
+
+
+def scale_view(record: GenerationRecord | None, scale: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The stored previews of one scale, for the slider: no recomputation."""
+    if record is None:
+        return None, None
+    scale = _check_scale(record, scale)
+    return record.runs["MVAR"].previews[scale], record.runs["VAR"].previews[scale]
+
+
+def filmstrips(record: GenerationRecord | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if record is None:
+        return None, None
+    return plots.filmstrip(record.runs["MVAR"].previews), plots.filmstrip(record.runs["VAR"].previews)
+
+
+def save_finals(record: GenerationRecord | None) -> list[str]:
+    """Write the final images as PNG files in a temp folder, for download."""
+    if record is None:
+        return []
+    folder = Path(tempfile.mkdtemp(prefix="mvar-studio-"))
+    paths = []
+    safe_class = "".join(ch if ch.isalnum() else "-" for ch in record.class_name)
+    for name, run in record.runs.items():
+        for i, image in enumerate(run.finals):
+            path = folder / f"{name.lower()}-{safe_class}-seed{record.seed}-{i}.png"
+            Image.fromarray(image).save(path)
+            paths.append(str(path))
+    return paths
+
+
+def _check_scale(record: GenerationRecord, scale) -> int:
+    try:
+        scale = int(scale)
+    except (TypeError, ValueError):
+        raise UserError(f"scale must be an integer, got {scale!r}") from None
+    if not 0 <= scale < record.num_scales:
+        raise UserError(f"scale must be in 0..{record.num_scales - 1}, got {scale}")
+    return scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention views
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionView:
+    mvar_overlay: np.ndarray
+    var_heatmaps: object  # plotly Figure
+    var_mass: object  # plotly Figure
+    masks: list[np.ndarray]  # VAR, scale-Markov, MVAR
+    caption: str
+
+
+def _weights(run: ModelRun, scale: int, layer, head, query: int) -> torch.Tensor:
+    """(Nk,) fp32 weights of one query, layer (or "mean") and head (or "mean")."""
+    captured = run.attention[scale]
+    if not captured:
+        raise UserError("no attention was captured for this generation")
+    if layer == "mean":
+        stacked = torch.stack([w[:, query].float() for w in captured.values()])  # (layers, H, Nk)
+        rows = stacked.mean(0)
+    else:
+        layer = int(layer)
+        if layer not in captured:
+            raise UserError(f"layer {layer} was not captured (captured: {sorted(captured)})")
+        rows = captured[layer][:, query].float()
+    if head == "mean":
+        return rows.mean(0)
+    head = int(head)
+    if not 0 <= head < rows.shape[0]:
+        raise UserError(f"head must be in 0..{rows.shape[0] - 1}, got {head}")
+    return rows[head]
+
+
+def attention_view(record: GenerationRecord | None, scale, layer, head, row, col) -> AttentionView:
+    if record is None:
+        raise UserError("generate an image first")
+    scale = _check_scale(record, scale)
+    side = record.patch_nums[scale]
+    try:
+        row, col = int(row), int(col)
+    except (TypeError, ValueError):
+        raise UserError("token row and column must be integers") from None
+    if not (0 <= row < side and 0 <= col < side):
+        raise UserError(f"token ({row}, {col}) is outside the {side}x{side} grid of scale {scale}")
+    query = row * side + col
+    schedule_nums = record.patch_nums
+    from mvar.schedule import ScaleSchedule
+
+    schedule = ScaleSchedule(schedule_nums)
+    mvar_run, var_run = record.runs["MVAR"], record.runs["VAR"]
+
+    mvar_rows = _weights(mvar_run, scale, layer, head, query)
+    grid = scale_grid(mvar_rows, schedule, scale, keys_begin=mvar_run.keys_begin[scale]).numpy()
+    windowed = scale >= record.refine_step
+    box = window_box(side, row, col, record.kernel_size) if windowed else None
+    overlay = plots.attention_overlay(mvar_run.previews[scale], grid, (row, col), window=box)
+
+    var_rows = _weights(var_run, scale, layer, head, query)
+    per_scale = [scale_grid(var_rows, schedule, s).numpy() for s in range(scale + 1)]
+    mass = mass_per_key_scale(var_rows, schedule)[: scale + 1].numpy()
+    position = schedule.begin(scale) + query
+    masks = [plots.mask_image(schedule_nums, kind, record.refine_step, record.kernel_size, highlight_row=position)
+             for kind in ("var", "scale-markov", "mvar")]
+    where = f"window rows {box[0]}..{box[0] + box[2] - 1}, cols {box[1]}..{box[1] + box[3] - 1}" if box else \
+        "whole scale (no window below the refine step)"
+    caption = (f"Token ({row}, {col}) of scale {scale} ({side}x{side}), layer {layer}, head {head}. "
+               f"MVAR attends only within its scale: {where}. VAR spreads "
+               f"{mass[scale]:.0%} of its attention on its own scale"
+               + (f" and {mass[scale - 1]:.0%} on the previous one." if scale else "."))
+    return AttentionView(
+        overlay,
+        plots.cross_scale_heatmaps(per_scale, f"VAR: where token ({row}, {col}) attends, scale by scale"),
+        plots.mass_by_scale_figure(mass, scale, "VAR: attention mass per scale"),
+        masks, caption,
+    )
+
+
+def token_from_click(record: GenerationRecord | None, scale, x: float, y: float, displayed_size: int):
+    """A click at pixel (x, y) on the overlay image -> the token (row, col) of the current scale."""
+    if record is None:
+        raise UserError("generate an image first")
+    scale = _check_scale(record, scale)
+    return plots.token_at(x, y, displayed_size, record.patch_nums[scale])
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis (VAR mode, several samples)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_statistics(models: LoadedModels, samples: int = 4, seed: int = 0, progress=None) -> AttentionStats:
+    """Run the loaded model in VAR mode on a few samples and gather the paper's panel a / b statistics."""
+    cfg = models.var_transformer.cfg
+    schedule = cfg.schedule
+    stats = AttentionStats(schedule.num_scales)
+    layers = capture_layers_for(models)
+    labels = [i % cfg.num_classes for i in range(samples)]
+    total = samples * schedule.num_scales
+    done = 0
+    for i, label in enumerate(labels):
+        sampling = SamplingConfig(**{k: models.sampling[k] for k in ("cfg", "top_k", "top_p")})
+        steps = generate_steps(models.var_transformer, models.tokenizer, [label], seed + i, sampling, VAR_MODE,
+                               capture_layers=layers, capture_queries=dict.fromkeys(range(schedule.num_scales)))
+        for step in steps:
+            for weights in step.attention.values():
+                stats.add_scale(weights[0], schedule, step.scale)  # (H, nq, Nk)
+            done += 1
+            if progress is not None:
+                progress(done / total, desc=f"sample {i + 1}/{samples}, scale {step.scale + 1}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs
+# ---------------------------------------------------------------------------------------------
+
+
+def per_scale_costs(models: LoadedModels, record: GenerationRecord | None, batch: int = 1, dtype="fp32") -> dict:
+    """KV-cache bytes, attention FLOPs (analytic) and latency (measured, last generation) per scale."""
+    cfg = models.transformer.cfg
+    var = generation_cost(cfg, VAR_MODE, batch, True, dtype)
+    mvar = generation_cost(cfg, models.mvar_mode, batch, True, dtype)
+    out = {
+        "kv_cache_mib": {"VAR": [s.kv_cache_bytes / 2**20 for s in var.scales],
+                         "MVAR": [s.kv_cache_bytes / 2**20 for s in mvar.scales]},
+        "attention_mflops": {"VAR": [s.attention_flops / 1e6 for s in var.scales],
+                             "MVAR": [s.attention_flops / 1e6 for s in mvar.scales]},
+    }
+    if record is not None:
+        out["latency_ms"] = {name: [t * 1000 for t in run.seconds] for name, run in record.runs.items()}
+    return out
