@@ -19,6 +19,7 @@ from .registry import ModelRegistry
 log = logging.getLogger("mvar_studio")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 OVERLAY_SIZE = 384
+DISPLAY_SIZE = 320
 
 
 def readable_errors(fn):
@@ -50,6 +51,11 @@ def readable_errors(fn):
         except Exception as err:  # noqa: BLE001
             raise report(err) from None
     return wrapped
+
+
+def display(image):
+    """Previews are tiny (64 px for the default models): show them enlarged, with crisp pixels."""
+    return None if image is None else plots.upscale(image, max(DISPLAY_SIZE, image.shape[0]))
 
 
 def _is_generator(fn) -> bool:
@@ -87,10 +93,10 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
             with gr.Column(scale=3):
                 status = gr.Markdown("")
                 with gr.Row():
-                    mvar_image = gr.Image(label="MVAR", height=320, interactive=False)
-                    var_image = gr.Image(label="VAR baseline", height=320, interactive=False)
+                    mvar_image = gr.Image(label="MVAR", height=320, interactive=False, elem_id="mvar-image")
+                    var_image = gr.Image(label="VAR baseline", height=320, interactive=False, elem_id="var-image")
                 scale = gr.Slider(0, len(first.transformer.cfg.patch_nums) - 1, value=9, step=1,
-                                  label="Scale (step back and forth without recomputing)")
+                                  label="Scale (step back and forth without recomputing)", elem_id="scale-slider")
                 mvar_strip = gr.Image(label="MVAR, scale by scale", interactive=False)
                 var_strip = gr.Image(label="VAR, scale by scale", interactive=False)
                 downloads = gr.File(label="Final images (PNG)", file_count="multiple")
@@ -105,7 +111,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
             caption = gr.Markdown("")
             with gr.Row():
                 overlay = gr.Image(label="MVAR: attention on this scale's token grid", height=OVERLAY_SIZE,
-                                   interactive=False)
+                                   interactive=False, elem_id="attention-overlay")
                 with gr.Column():
                     var_mass = gr.Plot(label="VAR: attention mass per scale")
             var_maps = gr.Plot(label="VAR: attention on every earlier scale")
@@ -141,24 +147,25 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
         def on_generate(key, cls, seed_value, cfg_value, k, p, smooth_value, count, dtype_name):
             for frame in handlers.generate_frames(registry, key, cls, seed_value, cfg_value, k, p, smooth_value,
                                                   count, DTYPES.get(dtype_name)):
+                shown = (display(frame.mvar_image), display(frame.var_image))
                 if frame.record is None:
-                    yield frame.mvar_image, frame.var_image, frame.status, gr.skip(), gr.skip(), gr.skip(), \
+                    yield *shown, frame.status, gr.skip(), gr.skip(), gr.skip(), \
                         gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 else:
                     strips = handlers.filmstrips(frame.record)
                     layers = ["mean"] + [str(i) for i in frame.record.captured_layers]
                     heads = ["mean"] + [str(i) for i in range(frame.record.num_heads)]
-                    yield (frame.mvar_image, frame.var_image, frame.status, frame.record, strips[0], strips[1],
+                    yield (*shown, frame.status, frame.record, strips[0], strips[1],
                            handlers.save_finals(frame.record), frame.record.num_scales - 1,
                            gr.update(choices=layers, value="mean"), gr.update(choices=heads, value="mean"))
 
         run.click(readable_errors(on_generate),
                   [model, class_name, seed, cfg, top_k, top_p, smooth, num_images, precision],
                   [mvar_image, var_image, status, record, mvar_strip, var_strip, downloads, scale, layer, head],
-                  concurrency_limit=2, concurrency_id="generate")
+                  concurrency_limit=2, concurrency_id="generate", api_name="generate")
 
         def on_scale(rec, s):
-            return handlers.scale_view(rec, s)
+            return tuple(display(image) for image in handlers.scale_view(rec, s))
 
         scale.change(readable_errors(on_scale), [record, scale], [mvar_image, var_image])
 

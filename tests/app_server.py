@@ -1,0 +1,68 @@
+"""Start the app on loopback with tiny random models, for the browser and client tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def save_tiny_models(folder: Path) -> tuple[Path, Path]:
+    from mvar.checkpoints import save_model
+    from mvar.config import get_preset
+    from mvar.tokenizer import MultiScaleVQVAE
+    from mvar.transformer import ScaleTransformer
+    from tests.conftest import scramble
+
+    preset = get_preset("tiny")
+    tokenizer, transformer = folder / "tok.safetensors", folder / "mvar.safetensors"
+    save_model(tokenizer, scramble(MultiScaleVQVAE(preset.tokenizer), seed=3))
+    save_model(transformer, scramble(ScaleTransformer(preset.transformer), seed=4),
+               extra={"class_names": [f"class-{i}" for i in range(12)], "sampling_defaults": {"cfg": 1.0}})
+    return tokenizer, transformer
+
+
+class AppServer:
+    def __init__(self, folder: Path, extra_args: list[str] | None = None):
+        tokenizer, transformer = save_tiny_models(folder)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+        self.log = open(folder / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--tokenizer", str(tokenizer), "--transformer", str(transformer),
+             "--port", str(self.port), *(extra_args or [])],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app exited early; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"app did not start within {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
