@@ -335,3 +335,39 @@ def per_scale_costs(models: LoadedModels, record: GenerationRecord | None, batch
     if record is not None:
         out["latency_ms"] = {name: [t * 1000 for t in run.seconds] for name, run in record.runs.items()}
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory against VAR
+# ---------------------------------------------------------------------------------------------
+
+ANALYTIC_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def analytic_memory_mib(cfg, mode: AttentionMode, batches=ANALYTIC_BATCHES, dtype="fp32") -> dict[int, float]:
+    """KV cache + largest activation set (MiB) per batch: the part a measurement above the loaded weights sees."""
+    out = {}
+    for batch in batches:
+        cost = generation_cost(cfg, mode, batch, True, dtype)
+        out[batch] = (cost.kv_cache_bytes + cost.peak_activation_bytes) / 2**20
+    return out
+
+
+def measured_memory_mib(models: LoadedModels, batches, dtype: str = "fp32", progress=None) -> dict[str, dict]:
+    """Peak memory above the loaded weights, measured in a fresh subprocess per (mode, batch)."""
+    from mvar.memory import MemoryJob, measure
+
+    if models.entry.source == "hub" or not Path(models.entry.transformer).exists():
+        raise UserError("measurements need the model files on this machine")
+    cache = models.cache.setdefault(("memory", dtype), {"VAR": {}, "MVAR": {}})
+    todo = [(name, b) for b in batches for name in ("VAR", "MVAR") if b not in cache[name]]
+    for i, (name, batch) in enumerate(todo):
+        if progress is not None:
+            progress(i / len(todo), desc=f"measuring {name} at batch {batch}")
+        transformer = models.entry.var_transformer if name == "VAR" and models.entry.var_transformer \
+            else models.entry.transformer
+        job = MemoryJob(mode=name.lower(), batch=batch, tokenizer=models.entry.tokenizer, transformer=transformer,
+                        dtype=dtype, refine_step=models.mvar_mode.refine_step,
+                        kernel_size=models.mvar_mode.kernel_size)
+        cache[name][batch] = measure(job)["peak_bytes"] / 2**20
+    return cache

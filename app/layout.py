@@ -12,6 +12,8 @@ import logging
 import gradio as gr
 import torch
 
+from mvar.config import MVAR_MODE, PRESETS, VAR_MODE
+
 from . import handlers, plots
 from .handlers import UserError
 from .registry import ModelRegistry
@@ -129,11 +131,24 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
             distance_plot = gr.Plot()
             window_plot = gr.Plot()
 
+        with gr.Tab("Memory"):
+            gr.Markdown("Peak memory above the loaded weights, VAR against MVAR. **Measured**: one fresh "
+                        "process per point, peak RSS minus RSS after loading (CPU) or the allocator's peak "
+                        "(CUDA). **Analytic**: KV cache + the largest set of live activations, from the cost "
+                        "model, for every batch size and for the official model sizes.")
+            with gr.Row():
+                measure_batches = gr.CheckboxGroup(["1", "2", "4", "8"], value=["1", "2", "4"],
+                                                   label="Batch sizes to measure")
+                measure_dtype = gr.Radio(["fp32", "bf16"], value="fp32", label="Precision")
+                measure_button = gr.Button("Measure and plot")
+            memory_plot = gr.Plot(label="This model: measured and analytic", elem_id="memory-plot")
+            presets_plot = gr.Plot(label="Official sizes: analytic")
+
         with gr.Tab("Cost per scale"):
             costs_button = gr.Button("Show per-scale costs")
             kv_plot = gr.Plot()
             flops_plot = gr.Plot()
-            latency_plot = gr.Plot()
+            latency_plot = gr.Plot(elem_id="latency-plot")
 
         # ----- events -----
         def on_model(key):
@@ -208,6 +223,25 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                                          "MFLOP"),
                     plots.per_scale_bars(latency, "Latency per scale (measured, last generation)", "ms")
                     if latency else None)
+
+        def on_memory(key, batches, dtype_name, progress=gr.Progress()):  # noqa: B008
+            models = registry.load(key)
+            chosen = sorted(int(b) for b in batches) or [1]
+            measured = handlers.measured_memory_mib(models, chosen, dtype_name, progress)
+            cfg = models.transformer.cfg
+            analytic = {"VAR": handlers.analytic_memory_mib(cfg, VAR_MODE, dtype=dtype_name),
+                        "MVAR": handlers.analytic_memory_mib(cfg, models.mvar_mode, dtype=dtype_name)}
+            presets = {name: {"VAR": handlers.analytic_memory_mib(PRESETS[name].transformer, VAR_MODE,
+                                                                  dtype="bf16"),
+                              "MVAR": handlers.analytic_memory_mib(PRESETS[name].transformer, MVAR_MODE,
+                                                                   dtype="bf16")}
+                       for name in ("d16", "d20", "d24", "d30")}
+            return (plots.memory_figure(analytic, {k: {b: v[b] for b in chosen if b in v} for k, v in
+                                                   measured.items()}, "Peak memory above the weights (MiB)"),
+                    plots.preset_memory_figure(presets, "Official sizes, bf16, CFG on (analytic)"))
+
+        measure_button.click(readable_errors(on_memory), [model, measure_batches, measure_dtype],
+                             [memory_plot, presets_plot], concurrency_id="generate")
 
         costs_button.click(readable_errors(on_costs), [model, record], [kv_plot, flops_plot, latency_plot])
     return demo

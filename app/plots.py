@@ -197,3 +197,16 @@ def per_scale_bars(values: dict[str, list[float]], title: str, y_title: str) -> 
     figure.update_layout(title=title, yaxis_title=y_title, barmode="group", height=300,
                          margin=dict(l=50, r=10, t=40, b=40))
     return figure
+
+
+def preset_memory_figure(curves: dict[str, dict[str, dict[int, float]]], title: str) -> go.Figure:
+    """Analytic peak memory above the weights against batch size for several model sizes, VAR vs MVAR."""
+    figure = go.Figure()
+    for preset, modes in curves.items():
+        for name, color, dash in (("VAR", VAR_COLOR, "dash"), ("MVAR", MVAR_COLOR, "solid")):
+            batches = sorted(modes[name])
+            figure.add_trace(go.Scatter(x=batches, y=[modes[name][b] / 1024 for b in batches], mode="lines",
+                                        name=f"{name} {preset}", line=dict(color=color, dash=dash)))
+    figure.update_layout(title=title, xaxis_title="batch size", yaxis_title="GiB (analytic model)", height=340,
+                         xaxis_type="log", margin=dict(l=50, r=10, t=40, b=40))
+    return figure

@@ -54,6 +54,7 @@ class LoadedModels:
     class_names: list[str]
     sampling: dict
     mvar_mode: AttentionMode
+    cache: dict = field(default_factory=dict)  # results computed once per loaded model (analysis, memory)
 
     @property
     def baseline_note(self) -> str:

@@ -163,3 +163,15 @@ def test_per_scale_costs(registry, record):
 def test_downloads_are_pngs(record):
     paths = handlers.save_finals(record[-1].record)
     assert len(paths) == 4 and all(p.endswith(".png") for p in paths)
+
+
+def test_memory_measured_in_subprocesses_and_analytic(registry):
+    models = registry.load("tiny")
+    measured = handlers.measured_memory_mib(models, [1, 2])
+    assert set(measured) == {"VAR", "MVAR"} and all(set(v) >= {1, 2} for v in measured.values())
+    assert all(value > 0 for v in measured.values() for value in v.values())
+    assert handlers.measured_memory_mib(models, [1]) is measured  # cached per loaded model
+    from mvar.config import MVAR_MODE, VAR_MODE
+    var = handlers.analytic_memory_mib(models.transformer.cfg, VAR_MODE)
+    mvar = handlers.analytic_memory_mib(models.transformer.cfg, MVAR_MODE)
+    assert all(mvar[b] < var[b] for b in var)

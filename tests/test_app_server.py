@@ -27,8 +27,13 @@ def test_gradio_client_generates_images(server):
 
     for path in (mvar_image, var_image):
         with Image.open(path) as image:
-            assert image.size == (64, 64)
+            assert image.size == (320, 320)  # 64 px previews shown enlarged
     assert status.startswith("done")
+    downloads = [item for item in result if isinstance(item, list)][0]
+    assert len(downloads) == 2
+    for path in downloads:
+        with Image.open(path) as image:
+            assert image.size == (64, 64) and image.format == "PNG"
 
 
 def test_gradio_client_bad_class_gets_a_message_not_a_crash(server):
@@ -74,9 +79,12 @@ def test_browser_generate_step_click_and_charts(server, tmp_path):
         overlay.click(position={"x": 20, "y": 20})
         page.get_by_text("Token (0, 0) of scale").wait_for(timeout=60_000)
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Memory").click()
+        page.get_by_role("button", name="Measure and plot").click()
+        page.locator("#memory-plot .js-plotly-plot").wait_for(timeout=180_000)
         page.get_by_role("tab", name="Cost per scale").click()
         page.get_by_role("button", name="Show per-scale costs").click()
-        page.locator(".js-plotly-plot").nth(2).wait_for(timeout=60_000)
+        page.locator("#latency-plot .js-plotly-plot").wait_for(timeout=60_000)
         shot = Path(tmp_path) / "app.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
