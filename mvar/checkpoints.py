@@ -184,7 +184,8 @@ def _load_strict(path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -
         raise CheckpointError(path, "does not match the model: " + "; ".join(problems[:8]) +
                               (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
     converted = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
-    model.load_state_dict(converted, strict=True)
+    # assign: take the loaded tensors as the parameters instead of copying them (models here are fresh)
+    model.load_state_dict(converted, strict=True, assign=True)
 
 
 def _preview(names: list[str], limit: int = 6) -> str:
@@ -206,7 +207,7 @@ def read_official_state_dict(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     _check_exists(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             path, f"refused: the file needs to execute code to load (not a plain weights file): {err}"
@@ -228,6 +229,11 @@ def read_official_state_dict(path) -> dict[str, torch.Tensor]:
                 name = name[len(prefix):]
         state[name] = tensor
     return state
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's zip format can be memory-mapped (fast, no copy); legacy pickles cannot."""
+    return zipfile.is_zipfile(path)
 
 
 def infer_transformer_config(state: dict[str, torch.Tensor], path="<state dict>") -> TransformerConfig:
@@ -278,7 +284,7 @@ def transformer_from_official(state: dict[str, torch.Tensor], config: Transforme
 
 def official_transformer_state_dict(model: ScaleTransformer) -> dict[str, torch.Tensor]:
     """Our transformer's weights in VAR's official layout (buffers included), as var_dXX.pth holds them."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     schedule = model.schedule
     for i in range(model.cfg.depth):
         state[f"blocks.{i}{ZERO_K_BIAS}"] = torch.zeros(model.cfg.width)
