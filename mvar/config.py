@@ -196,7 +196,7 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         "small",
         TransformerConfig(
-            depth=6, width=192, num_heads=3, num_classes=12,
+            depth=6, width=128, num_heads=2, num_classes=12,
             vocab_size=SMALL_TOKENIZER.vocab_size, latent_channels=SMALL_TOKENIZER.latent_channels,
             drop_path_rate=0.0,
         ),

@@ -134,34 +134,36 @@ def teacher_forced_flops(cfg: TransformerConfig, mode: AttentionMode, batch: int
                          last_scale: int | None = None, windowed_as_dense: bool = False) -> int:
     """FLOPs of one teacher-forced forward (training) over scales first..last, matmuls only.
 
-    VAR's forward always runs from scale 0 (earlier scales are context) and its block-causal
-    mask is applied densely, so every query meets all positions of the forward. MVAR's forward
-    runs its groups separately: the early scales jointly under a block-diagonal mask (dense
-    over the group), each windowed scale alone.
+    VAR's forward always runs from scale 0 (earlier scales are context); each scale's queries
+    attend to the prefix of scales <= s. MVAR's forward runs its groups separately: the early
+    scales jointly (each attending only to itself), each windowed scale alone.
     """
     schedule = cfg.schedule
     last_scale = schedule.num_scales - 1 if last_scale is None else last_scale
     c, m, v, depth = cfg.width, cfg.mlp_hidden, cfg.vocab_size, cfg.depth
 
-    def group_flops(scales: list[int], keys: int, logit_tokens: int) -> int:
+    def group_flops(scales: list[int], pairs: int, logit_tokens: int) -> int:
+        """``pairs``: query-key pairs the attention computes, summed over the group's queries."""
         n = sum(schedule.tokens(s) for s in scales)
-        dense = depth * 2 * batch * n * (4 * c * c + 2 * c * m) + depth * 2 * 2 * batch * n * keys * c
+        dense = depth * 2 * batch * n * (4 * c * c + 2 * c * m) + depth * 2 * 2 * batch * pairs * c
         embed = sum(2 * batch * schedule.tokens(s) * cfg.latent_channels * c for s in scales if s > 0)
         adaln = depth * 2 * batch * c * 6 * c + 2 * batch * c * 2 * c
         return dense + embed + adaln + 2 * batch * logit_tokens * c * v
 
     if not mode.markov:
+        # block-causal, run as one prefix attention per scale: scale s meets end(s) keys
         scales = list(range(0, last_scale + 1))
-        n = schedule.end(last_scale)
-        return group_flops(scales, n, n - schedule.begin(first_scale))
+        pairs = sum(schedule.tokens(s) * schedule.end(s) for s in scales)
+        return group_flops(scales, pairs, schedule.end(last_scale) - schedule.begin(first_scale))
     total = 0
     early = [s for s in range(first_scale, last_scale + 1) if not mode.is_windowed(s)]
     if early:
-        n = sum(schedule.tokens(s) for s in early)
-        total += group_flops(early, n, n)
+        pairs = sum(schedule.tokens(s) ** 2 for s in early)  # block-diagonal, one call per scale
+        total += group_flops(early, pairs, sum(schedule.tokens(s) for s in early))
     for s in range(first_scale, last_scale + 1):
         if mode.is_windowed(s):
-            total += group_flops([s], keys_per_query(cfg, mode, s, windowed_as_dense), schedule.tokens(s))
+            pairs = schedule.tokens(s) * keys_per_query(cfg, mode, s, windowed_as_dense)
+            total += group_flops([s], pairs, schedule.tokens(s))
     return total
 
 

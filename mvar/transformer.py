@@ -35,13 +35,27 @@ from .config import VAR_MODE, AttentionMode, TransformerConfig
 class AttentionPlan:
     """How the tokens of one forward pass attend to each other (the same in every layer).
 
-    ``mask`` (Nq, Nk) bool, True = may attend; None = every key. ``window`` (height, width,
-    kernel) turns on windowed attention over a single height x width grid instead.
+    ``mask`` (Nq, Nk) bool, True = may attend; None = every key. ``segments`` instead cut the
+    queries into consecutive runs, each attending to one contiguous run of keys,
+    ((q_begin, q_end, k_begin, k_end), ...): block-causal and block-diagonal patterns run as a few
+    unmasked attention calls, which skips the masked-out work. ``window`` (height, width, kernel)
+    turns on windowed attention over a single height x width grid.
     """
 
     mask: torch.Tensor | None = None
     window: tuple[int, int, int] | None = None
     backend: str = "auto"
+    segments: tuple[tuple[int, int, int, int], ...] | None = None
+
+    def mask_rows(self, rows: torch.Tensor, num_keys: int) -> torch.Tensor | None:
+        """(nq, Nk) bool mask of the given query rows (None = every key)."""
+        if self.segments is None:
+            return None if self.mask is None else self.mask[rows]
+        allowed = torch.zeros(len(rows), num_keys, dtype=torch.bool, device=rows.device)
+        for q_begin, q_end, k_begin, k_end in self.segments:
+            inside = (rows >= q_begin) & (rows < q_end)
+            allowed[inside, k_begin:k_end] = True
+        return allowed
 
 
 class KVCache:
@@ -141,6 +155,9 @@ class SelfAttention(nn.Module):
         if plan.window is not None:
             height, grid_width, kernel = plan.window
             out = attn_ops.windowed_attention(q, k, v, height, grid_width, kernel, scale=1.0, backend=plan.backend)
+        elif plan.segments is not None:
+            out = torch.cat([attn_ops.dense_attention(q[:, :, qb:qe], k[:, :, kb:ke], v[:, :, kb:ke], scale=1.0)
+                             for qb, qe, kb, ke in plan.segments], dim=2)
         else:
             out = attn_ops.dense_attention(q, k, v, scale=1.0, mask=plan.mask)
         if capture is not None and self.layer_index in capture.layers:
@@ -155,10 +172,7 @@ class SelfAttention(nn.Module):
         if plan.window is not None:
             height, grid_width, kernel = plan.window
             return attn_ops.windowed_attention_weights(q_rows, k.float(), height, grid_width, kernel, 1.0, rows)
-        mask_rows = None
-        if plan.mask is not None:
-            mask_rows = plan.mask[rows]
-        return attn_ops.dense_attention_weights(q_rows, k.float(), 1.0, mask_rows)
+        return attn_ops.dense_attention_weights(q_rows, k.float(), 1.0, plan.mask_rows(rows, k.shape[2]))
 
 
 class FeedForward(nn.Module):
@@ -329,20 +343,26 @@ class ScaleTransformer(nn.Module):
 
     # ----- attention plans ---------------------------------------------------------------------
 
-    def plan_for(self, mode: AttentionMode, scales: Sequence[int], cached: bool = False) -> AttentionPlan:
+    def plan_for(self, mode: AttentionMode, scales: Sequence[int], cached: bool = False,
+                 dense_mask: bool = False) -> AttentionPlan:
         """The attention plan of a forward over the contiguous ``scales``.
 
         VAR: block-causal over the scales (with a cache, the current scale sees all cached keys
         and itself: no mask). MVAR: block-diagonal over a group of early scales, or one windowed
-        scale alone.
+        scale alone. Multi-scale patterns run as per-scale segments, or as one masked call with
+        ``dense_mask`` (the reference).
         """
         scales = list(scales)
         nums = tuple(self.cfg.patch_nums[s] for s in scales)
         device = self.pos_1LC.device
+        ends = [sum(n * n for n in nums[: i + 1]) for i in range(len(nums))]
+        begins = [0] + ends[:-1]
         if not mode.markov:
             if cached or len(scales) == 1:
                 return AttentionPlan()
-            return AttentionPlan(mask=attn_ops.block_causal_mask(nums).to(device))
+            if dense_mask:
+                return AttentionPlan(mask=attn_ops.block_causal_mask(nums).to(device))
+            return AttentionPlan(segments=tuple((b, e, 0, e) for b, e in zip(begins, ends, strict=True)))
         windowed = [s for s in scales if mode.is_windowed(s)]
         if windowed:
             if len(scales) != 1:
@@ -351,7 +371,9 @@ class ScaleTransformer(nn.Module):
             return AttentionPlan(window=(side, side, mode.kernel_size), backend=mode.backend)
         if len(scales) == 1:
             return AttentionPlan()
-        return AttentionPlan(mask=attn_ops.block_diagonal_mask(nums).to(device))
+        if dense_mask:
+            return AttentionPlan(mask=attn_ops.block_diagonal_mask(nums).to(device))
+        return AttentionPlan(segments=tuple((b, e, b, e) for b, e in zip(begins, ends, strict=True)))
 
     @staticmethod
     def mvar_groups(mode: AttentionMode, first: int, last: int) -> list[list[int]]:

@@ -157,3 +157,20 @@ def test_bad_arguments_raise_value_errors(tiny_transformer, tiny_tokenizer):
         TransformerConfig(width=100, num_heads=3)
     with pytest.raises(ValueError, match="odd"):
         AttentionMode.mvar(kernel_size=6)
+
+
+@pytest.mark.parametrize("mode,scales", [(VAR_MODE, list(range(10))), (MVAR_MODE, list(range(8)))],
+                         ids=["var-block-causal", "mvar-block-diagonal"])
+def test_segmented_attention_equals_the_dense_masked_reference(tiny_transformer, tiny_tokenizer, mode, scales):
+    tokens = random_tokens(tiny_transformer.cfg.patch_nums, tiny_transformer.cfg.vocab_size, batch=2, seed=9)
+    inputs = tiny_tokenizer.teacher_forcing_inputs(tokens)
+    cond = tiny_transformer.class_condition(torch.tensor([1, 2]))
+    offset = 1
+    x = torch.cat([tiny_transformer.embed_scale(s, cond, None if s == 0 else
+                   inputs[:, tiny_transformer.schedule.begin(s) - offset: tiny_transformer.schedule.end(s) - offset])
+                   for s in scales], dim=1)
+    with torch.no_grad():
+        segmented = tiny_transformer.run_blocks(x, cond, tiny_transformer.plan_for(mode, scales))
+        dense = tiny_transformer.run_blocks(x, cond, tiny_transformer.plan_for(mode, scales, dense_mask=True))
+    assert tiny_transformer.plan_for(mode, scales).segments is not None
+    torch.testing.assert_close(segmented, dense, atol=1e-5, rtol=1e-5)
