@@ -73,7 +73,8 @@ class AttentionStats:
         mass = mass_per_key_scale(weights.float(), schedule).reshape(-1, schedule.num_scales)
         for key_scale in range(scale + 1):
             self.distance_sum[scale - key_scale] += float(mass[:, key_scale].sum())
-            self.distance_count[scale - key_scale] += mass.shape[0]
+        # every query counts at every distance (0 where it has no scale that far back): the means sum to 1
+        self.distance_count += mass.shape[0]
         side = schedule.patch_nums[scale]
         if side < min_side:
             return
@@ -87,7 +88,7 @@ class AttentionStats:
 
     @property
     def mass_by_distance(self) -> np.ndarray:
-        """Mean mass a query puts on the scale ``d`` steps below its own, d = 0..S-1."""
+        """Mean mass a query puts on the scale ``d`` steps below its own, d = 0..S-1 (sums to 1)."""
         return self.distance_sum / np.maximum(self.distance_count, 1)
 
     @property

@@ -295,7 +295,19 @@ def token_from_click(record: GenerationRecord | None, scale, x: float, y: float,
 
 
 def attention_statistics(models: LoadedModels, samples: int = 4, seed: int = 0, progress=None) -> AttentionStats:
-    """Run the loaded model in VAR mode on a few samples and gather the paper's panel a / b statistics."""
+    """Run the loaded model in VAR mode on a few samples and gather the paper's panel a / b statistics.
+
+    Cached per loaded model and sample count.
+    """
+    if not 1 <= int(samples) <= 16:
+        raise UserError(f"samples must be in 1..16, got {samples}")
+    key = ("attention-stats", int(samples), int(seed))
+    if key not in models.cache:
+        models.cache[key] = _attention_statistics(models, int(samples), int(seed), progress)
+    return models.cache[key]
+
+
+def _attention_statistics(models: LoadedModels, samples: int, seed: int, progress) -> AttentionStats:
     cfg = models.var_transformer.cfg
     schedule = cfg.schedule
     stats = AttentionStats(schedule.num_scales)

@@ -175,3 +175,13 @@ def test_memory_measured_in_subprocesses_and_analytic(registry):
     var = handlers.analytic_memory_mib(models.transformer.cfg, VAR_MODE)
     mvar = handlers.analytic_memory_mib(models.transformer.cfg, MVAR_MODE)
     assert all(mvar[b] < var[b] for b in var)
+
+
+def test_analysis_is_computed_once_per_model(registry):
+    models = registry.load("tiny")
+    first = handlers.attention_statistics(models, samples=1)
+    assert handlers.attention_statistics(models, samples=1) is first
+    assert first.mass_by_distance.sum() == pytest.approx(1.0, abs=1e-3)
+    assert np.all(np.diff(first.mass_in_window) >= -1e-9)
+    with pytest.raises(handlers.UserError, match="samples must be"):
+        handlers.attention_statistics(models, samples=0)
