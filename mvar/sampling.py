@@ -58,6 +58,7 @@ class ScaleStep:
     attention: dict[int, torch.Tensor] | None = None  # layer -> (B, H, nq, Nk), conditional branch
     attention_queries: torch.Tensor | None = None  # (nq,) query positions within the scale
     attention_keys_begin: int = 0  # flat position of key 0 (VAR: 0, MVAR: begin of this scale)
+    kv_cache_bytes: int = 0  # bytes the KV cache holds allocated (VAR), 0 for MVAR
 
 
 @dataclass
@@ -237,6 +238,7 @@ def generate_steps(
             attention_queries=None if capture is None else (
                 capture.queries if capture.queries is not None else torch.arange(side * side)),
             attention_keys_begin=schedule.begin(scale) if mode.markov else 0,
+            kv_cache_bytes=0 if cache is None else cache.allocated_bytes,
         )
 
 

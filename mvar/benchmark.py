@@ -1,0 +1,309 @@
+"""Benchmarks: MVAR against VAR, side by side in one run.
+
+    python -m mvar.benchmark --presets default d16 --batch-sizes 1 8 --dtypes bf16 --out bench/
+
+For every (preset, batch, dtype) it runs VAR and MVAR alternately in this process, repeats, and
+reports medians and spreads of generation latency (tokens + decode, and per scale), the KV-cache
+bytes actually allocated next to the cost model's, FLOPs counted by torch's flop counter next to
+the cost model's, the throughput achieved against a large matmul measured in the same run, and
+(in fresh subprocesses) peak memory of generation and of one training step. Official-size presets
+run with random weights: speed and memory do not depend on the values, and the output says so.
+Timings vary from run to run; the VAR/MVAR ratios are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .attention import resolve_backend
+from .config import AttentionMode, get_preset
+from .costs import flop_counter, generation_cost, teacher_forced_flops
+from .memory import MemoryJob, measure
+from .sampling import SamplingConfig, decode_to_unit, generate_steps
+from .tokenizer import MultiScaleVQVAE
+from .transformer import ScaleTransformer
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEASUREMENTS = ("latency", "memory", "flops", "train", "train-memory")
+
+
+@dataclass(frozen=True)
+class Models:
+    name: str
+    tokenizer: MultiScaleVQVAE
+    transformer: ScaleTransformer
+    random_weights: bool
+    tokenizer_path: str | None = None
+    transformer_path: str | None = None
+
+
+def load_models(name: str, device: torch.device) -> Models:
+    """``default``: the shipped models in assets/; any other name: a preset with random weights."""
+    if name == "default":
+        from .checkpoints import load_model
+
+        tokenizer_path = ROOT / "assets" / "tokenizer.safetensors"
+        transformer_path = ROOT / "assets" / "mvar.safetensors"
+        tokenizer = load_model(tokenizer_path, device, expect="tokenizer").model
+        transformer = load_model(transformer_path, device, expect="transformer").model
+        return Models(name, tokenizer.requires_grad_(False), transformer.requires_grad_(False), False,
+                      str(tokenizer_path), str(transformer_path))
+    preset = get_preset(name)
+    tokenizer = MultiScaleVQVAE.empty(preset.tokenizer, device)
+    transformer = ScaleTransformer.empty(preset.transformer, device)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in list(tokenizer.parameters()) + list(transformer.parameters()):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return Models(name, tokenizer.eval().requires_grad_(False), transformer.eval().requires_grad_(False), True)
+
+
+def spread(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
+def matmul_peak_flops(dtype: torch.dtype | None, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Measured throughput (FLOP/s) of a large square matmul in ``dtype``: this machine's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
+    a @ b  # warm-up: thread pools, kernels
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times)
+
+
+def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> dict:
+    labels = [i % models.transformer.cfg.num_classes for i in range(batch)]
+    sampling = SamplingConfig(cfg=1.5 if cfg else 0.0, top_k=min(900, models.transformer.cfg.vocab_size), top_p=0.96)
+    started = time.perf_counter()
+    steps = list(generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
+                                max_batch=4096))
+    tokens_seconds = time.perf_counter() - started
+    with torch.autocast(models.transformer.pos_1LC.device.type, dtype=dtype, enabled=dtype is not None):
+        decode_to_unit(models.tokenizer, steps[-1].f_hat)
+    return {"total": time.perf_counter() - started, "tokens": tokens_seconds,
+            "per_scale": [s.seconds for s in steps], "kv_cache_bytes": max(s.kv_cache_bytes for s in steps),
+            "first_preview": steps[0].seconds}
+
+
+def counted_generation_flops(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> int:
+    """FLOPs of the token generation (no decode) counted on a real run."""
+    counter = flop_counter()
+    labels = [i % models.transformer.cfg.num_classes for i in range(batch)]
+    sampling = SamplingConfig(cfg=1.5 if cfg else 0.0, top_k=0, top_p=1.0)
+    with counter:
+        list(generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
+                            max_batch=4096))
+    return counter.get_total_flops()
+
+
+def training_steps(models: Models, mode: AttentionMode, batch: int, dtype, repeats: int) -> dict:
+    """Time of one optimiser step: VAR's full sequence; MVAR's cycle (8 joint, one per windowed scale)."""
+    model = ScaleTransformer(models.transformer.cfg).to(models.transformer.pos_1LC.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    schedule = model.schedule
+    cfg = model.cfg
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, schedule.total_tokens), generator=generator)
+    inputs = torch.randn(batch, schedule.total_tokens - schedule.tokens(0), cfg.latent_channels, generator=generator)
+    labels = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
+    if mode.markov:
+        kinds = [(0, mode.refine_step - 1, 8)] + [(s, s, 1) for s in range(mode.refine_step, schedule.num_scales)]
+    else:
+        kinds = [(0, schedule.num_scales - 1, 1)]
+    per_kind = {}
+    for first, last, weight in kinds:
+        times = []
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(labels, inputs, mode, first, last)
+            target = tokens[:, schedule.begin(first) : schedule.end(last)]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - started)
+        per_kind[f"{first}-{last}"] = {"seconds": statistics.median(times[1:]), "weight": weight}
+    total_weight = sum(k["weight"] for k in per_kind.values())
+    average = sum(k["seconds"] * k["weight"] for k in per_kind.values()) / total_weight
+    flops = sum(teacher_forced_flops(cfg, mode, batch, int(key.split("-")[0]), int(key.split("-")[1]))
+                * k["weight"] for key, k in per_kind.items()) / total_weight * 3  # forward + backward
+    return {"average_step_seconds": average, "per_kind": per_kind, "analytic_flops_per_step": flops}
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    report = {"machine": machine_info(), "configs": [], "notes": []}
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        peak = matmul_peak_flops(dtype, device)
+        report.setdefault("matmul_peak_flops", {})[dtype_name] = peak
+        for preset in args.presets:
+            models = load_models(preset, device)
+            if models.random_weights:
+                report["notes"].append(f"{preset}: random weights (speed and memory do not depend on the values)")
+            modes = {"VAR": AttentionMode.var(), "MVAR": AttentionMode.mvar(args.refine_step, args.kernel_size)}
+            for batch in args.batch_sizes:
+                entry = {"preset": preset, "batch": batch, "dtype": dtype_name, "cfg": args.cfg, "modes": {}}
+                backend = resolve_backend("auto", device, models.transformer.cfg.patch_nums[-1] ** 2)
+                for name, mode in modes.items():
+                    cost = generation_cost(models.transformer.cfg, mode, batch, args.cfg, dtype_name,
+                                           windowed_as_dense=backend == "dense")
+                    entry["modes"][name] = {"analytic": {"flops": cost.flops, "kv_cache_bytes": cost.kv_cache_bytes,
+                                                         "peak_estimate_bytes": cost.peak_memory_estimate}}
+                if "latency" in args.measure:
+                    one_generation(models, modes["VAR"], batch, dtype, args.cfg)  # warm-up
+                    one_generation(models, modes["MVAR"], batch, dtype, args.cfg)
+                    runs = {name: [] for name in modes}
+                    for _ in range(args.repeats):  # alternate, so drift hits both alike
+                        for name, mode in modes.items():
+                            runs[name].append(one_generation(models, mode, batch, dtype, args.cfg))
+                    for name, results in runs.items():
+                        out = entry["modes"][name]
+                        out["latency_total"] = spread([r["total"] for r in results])
+                        out["latency_tokens"] = spread([r["tokens"] for r in results])
+                        out["first_preview"] = spread([r["first_preview"] for r in results])
+                        out["latency_per_scale"] = [statistics.median(r["per_scale"][s] for r in results)
+                                                    for s in range(len(results[0]["per_scale"]))]
+                        out["kv_cache_bytes_allocated"] = results[0]["kv_cache_bytes"]
+                if "flops" in args.measure:
+                    for name, mode in modes.items():
+                        counted = counted_generation_flops(models, mode, batch, dtype, args.cfg)
+                        out = entry["modes"][name]
+                        out["counted_flops"] = counted
+                        out["flops_error"] = (out["analytic"]["flops"] - counted) / counted
+                        if "latency_tokens" in out:
+                            out["achieved_flops_per_s"] = counted / out["latency_tokens"]["median"]
+                            out["fraction_of_matmul_peak"] = out["achieved_flops_per_s"] / peak
+                if "memory" in args.measure:
+                    for name in modes:
+                        job = MemoryJob(mode=name.lower(), batch=batch, dtype=dtype_name, cfg=args.cfg,
+                                        device=args.device, refine_step=args.refine_step,
+                                        kernel_size=args.kernel_size,
+                                        preset=None if not models.random_weights else preset,
+                                        tokenizer=models.tokenizer_path, transformer=models.transformer_path)
+                        entry["modes"][name]["peak_memory"] = measure(job)
+                if "train" in args.measure:
+                    for name, mode in modes.items():
+                        entry["modes"][name]["train"] = training_steps(models, mode, batch, dtype, args.repeats)
+                report["configs"].append(entry)
+                print_entry(entry)
+    return report
+
+
+def machine_info() -> dict:
+    import os
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def print_entry(entry: dict) -> None:
+    head = f"{entry['preset']}  batch {entry['batch']}  {entry['dtype']}  cfg {'on' if entry['cfg'] else 'off'}"
+    print(head)
+    var, mvar = entry["modes"]["VAR"], entry["modes"]["MVAR"]
+    lines = []
+    if "latency_total" in var:
+        v, m = var["latency_total"]["median"], mvar["latency_total"]["median"]
+        lines.append(f"  latency (tokens+decode) VAR {v:.3f} s  MVAR {m:.3f} s  ratio {m / v:.2f}")
+    if "peak_memory" in var:
+        v, m = var["peak_memory"]["peak_bytes"], mvar["peak_memory"]["peak_bytes"]
+        lines.append(f"  peak memory            VAR {v / 2**20:.0f} MiB  MVAR {m / 2**20:.0f} MiB  ratio {m / v:.2f}")
+    if "kv_cache_bytes_allocated" in var:
+        lines.append(f"  KV cache (VAR)         allocated {var['kv_cache_bytes_allocated'] / 2**20:.1f} MiB, "
+                     f"model {var['analytic']['kv_cache_bytes'] / 2**20:.1f} MiB")
+    if "counted_flops" in var:
+        lines.append(f"  FLOPs                  VAR {var['counted_flops'] / 1e9:.1f} G "
+                     f"(model {var['flops_error']:+.2%})  MVAR {mvar['counted_flops'] / 1e9:.1f} G (model {mvar['flops_error']:+.2%})")
+    if "train" in var:
+        v, m = var["train"]["average_step_seconds"], mvar["train"]["average_step_seconds"]
+        lines.append(f"  train step             VAR {v:.3f} s  MVAR {m:.3f} s  ratio {m / v:.2f}")
+    print("\n".join(lines), flush=True)
+
+
+def write_charts(report: dict, folder: Path) -> list[Path]:
+    import plotly.graph_objects as go
+
+    written = []
+    by_key: dict = {}
+    for entry in report["configs"]:
+        by_key.setdefault((entry["preset"], entry["dtype"]), []).append(entry)
+    memory = go.Figure()
+    latency = go.Figure()
+    for (preset, dtype), entries in by_key.items():
+        entries.sort(key=lambda e: e["batch"])
+        for name, dash in (("VAR", "dash"), ("MVAR", "solid")):
+            points = [(e["batch"], e["modes"][name]["peak_memory"]["peak_bytes"] / 2**20) for e in entries
+                      if "peak_memory" in e["modes"][name]]
+            if points:
+                memory.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                                            name=f"{name} {preset} {dtype}", line=dict(dash=dash)))
+        last = entries[-1]
+        for name in ("VAR", "MVAR"):
+            if "latency_per_scale" in last["modes"][name]:
+                latency.add_trace(go.Bar(y=[t * 1000 for t in last["modes"][name]["latency_per_scale"]],
+                                         x=[f"s{i}" for i in range(len(last["modes"][name]["latency_per_scale"]))],
+                                         name=f"{name} {preset} {dtype} batch {last['batch']}"))
+    memory.update_layout(title="Peak memory against batch size (measured)", xaxis_title="batch",
+                         yaxis_title="MiB above the loaded weights")
+    latency.update_layout(title="Latency per scale (median)", yaxis_title="ms", barmode="group")
+    for figure, name in ((memory, "memory_vs_batch.html"), (latency, "latency_per_scale.html")):
+        path = folder / name
+        figure.write_html(path, include_plotlyjs="cdn")
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mvar.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["default"], help="default (assets/), d16, d20, ..., tiny")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--refine-step", type=int, default=8)
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="bench")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or any(b < 1 for b in args.batch_sizes):
+        parser.error("--repeats and --batch-sizes must be positive")
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    report = run(args)
+    report["arguments"] = {k: v for k, v in vars(args).items()}
+    (folder / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    charts = write_charts(report, folder)
+    for note in sorted(set(report["notes"])):
+        print("note:", note)
+    print(f"wrote {folder / 'benchmark.json'} and {', '.join(str(c) for c in charts)}")
+
+
+if __name__ == "__main__":
+    main()
