@@ -239,7 +239,8 @@ def print_entry(entry: dict) -> None:
                      f"model {var['analytic']['kv_cache_bytes'] / 2**20:.1f} MiB")
     if "counted_flops" in var:
         lines.append(f"  FLOPs                  VAR {var['counted_flops'] / 1e9:.1f} G "
-                     f"(model {var['flops_error']:+.2%})  MVAR {mvar['counted_flops'] / 1e9:.1f} G (model {mvar['flops_error']:+.2%})")
+                     f"(model {var['flops_error']:+.2%})  MVAR {mvar['counted_flops'] / 1e9:.1f} G "
+                     f"(model {mvar['flops_error']:+.2%})")
     if "train" in var:
         v, m = var["train"]["average_step_seconds"], mvar["train"]["average_step_seconds"]
         lines.append(f"  train step             VAR {v:.3f} s  MVAR {m:.3f} s  ratio {m / v:.2f}")

@@ -1,0 +1,25 @@
+"""The benchmark command runs end to end on a tiny config and writes well-formed output."""
+
+import json
+
+from mvar import benchmark
+
+
+def test_benchmark_writes_json_and_charts(tmp_path):
+    benchmark.main(["--presets", "tiny", "--batch-sizes", "1", "--dtypes", "fp32", "--repeats", "1",
+                    "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["matmul_peak_flops"]["fp32"] > 0
+    (entry,) = report["configs"]
+    assert entry["preset"] == "tiny" and entry["batch"] == 1
+    var, mvar = entry["modes"]["VAR"], entry["modes"]["MVAR"]
+    assert var["kv_cache_bytes_allocated"] == var["analytic"]["kv_cache_bytes"] > 0
+    assert mvar["kv_cache_bytes_allocated"] == mvar["analytic"]["kv_cache_bytes"] == 0
+    assert abs(var["flops_error"]) < 0.02 and abs(mvar["flops_error"]) < 0.02
+    for mode in (var, mvar):
+        assert len(mode["latency_per_scale"]) == 10 and mode["latency_total"]["median"] > 0
+        assert mode["peak_memory"]["peak_bytes"] > 0 and "fresh subprocess" in mode["peak_memory"]["measure"]
+        assert mode["train"]["average_step_seconds"] > 0
+    assert any("random weights" in note for note in report["notes"])
+    for chart in ("memory_vs_batch.html", "latency_per_scale.html"):
+        assert "plotly" in (tmp_path / chart).read_text().lower()
