@@ -204,3 +204,15 @@ def test_evaluate_rejects_mismatched_models(tiny_files):
                 "--top-k", "33"]
     with pytest.raises(SystemExit, match="top_k"):
         main(too_many)
+
+
+def test_choose_sampling_prefers_low_frechet_distance_among_accurate_settings():
+    from train.choose_sampling import choose
+
+    results = [
+        {"cfg": 0.0, "accuracy": 0.50, "frechet_distance": 1.0},
+        {"cfg": 2.0, "accuracy": 0.90, "frechet_distance": 3.0},
+        {"cfg": 3.0, "accuracy": 0.89, "frechet_distance": 2.0},
+        {"cfg": 4.0, "accuracy": 0.80, "frechet_distance": 0.5},
+    ]
+    assert choose(results)["cfg"] == 3.0

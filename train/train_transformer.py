@@ -76,6 +76,7 @@ class TransformerTraining:
     stop_after: int = 0
     seed: int = 0
     num_threads: int = 0  # torch threads (0 = leave torch's default)
+    cache_dir: str = ""  # token cache folder (default: <run-dir>/token-cache); runs may share one
     export: str = ""
 
 
@@ -191,7 +192,7 @@ def main(argv=None) -> None:
     train_set, class_names = build_dataset(args.data, "train", tokenizer.cfg.image_size, args.train_size,
                                            args.seed, flip=True)
     val_set, _ = build_dataset(args.data, "val", tokenizer.cfg.image_size, args.val_size, args.seed, flip=False)
-    cache_dir = run.path / "token-cache"
+    cache_dir = Path(args.cache_dir) if args.cache_dir else run.path / "token-cache"
     train_tokens, train_labels = token_cache(tokenizer, args.tokenizer, train_set, cache_dir, "train",
                                              is_main=info.is_main)
     val_tokens, val_labels = token_cache(tokenizer, args.tokenizer, val_set, cache_dir, "val", is_main=info.is_main)
