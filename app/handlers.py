@@ -369,7 +369,8 @@ def measured_memory_mib(models: LoadedModels, batches, dtype: str = "fp32", prog
     """Peak memory above the loaded weights, measured in a fresh subprocess per (mode, batch)."""
     from mvar.memory import MemoryJob, measure
 
-    if models.entry.source == "hub" or not Path(models.entry.transformer).exists():
+    random_weights = models.entry.source == "random"
+    if not random_weights and (models.entry.source == "hub" or not Path(models.entry.transformer).exists()):
         raise UserError("measurements need the model files on this machine")
     cache = models.cache.setdefault(("memory", dtype), {"VAR": {}, "MVAR": {}})
     todo = [(name, b) for b in batches for name in ("VAR", "MVAR") if b not in cache[name]]
@@ -378,8 +379,9 @@ def measured_memory_mib(models: LoadedModels, batches, dtype: str = "fp32", prog
             progress(i / len(todo), desc=f"measuring {name} at batch {batch}")
         transformer = models.entry.var_transformer if name == "VAR" and models.entry.var_transformer \
             else models.entry.transformer
-        job = MemoryJob(mode=name.lower(), batch=batch, tokenizer=models.entry.tokenizer, transformer=transformer,
-                        dtype=dtype, refine_step=models.mvar_mode.refine_step,
-                        kernel_size=models.mvar_mode.kernel_size)
+        files = dict(preset=models.entry.transformer) if random_weights else dict(
+            tokenizer=models.entry.tokenizer, transformer=transformer)
+        job = MemoryJob(mode=name.lower(), batch=batch, dtype=dtype, refine_step=models.mvar_mode.refine_step,
+                        kernel_size=models.mvar_mode.kernel_size, **files)
         cache[name][batch] = measure(job)["peak_bytes"] / 2**20
     return cache

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mvar.checkpoints import OFFICIAL_FILES, download_official, load_any, official_file_path
-from mvar.config import AttentionMode
+from mvar.config import AttentionMode, get_preset
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
 
@@ -82,6 +82,10 @@ class ModelRegistry:
         if default is not None:
             found.append(default)
         found.extend(self.local_entries())
+        if not found:
+            # development stand-in until trained defaults are in assets/: clearly labelled, never shipped as default
+            found.append(ModelEntry("untrained-small", "UNTRAINED small models (random weights: noise)", "random",
+                                    "small", "small"))
         known = {e.key for e in found}
         if self.allow_download and self.models_dir is not None and _hub_available():
             found.extend(e for e in self.hub_entries() if e.key not in known)
@@ -146,6 +150,8 @@ class ModelRegistry:
                                                                                       self.models_dir)))
 
     def _load_entry(self, entry: ModelEntry, device: str) -> LoadedModels:
+        if entry.source == "random":
+            return self._random_models(entry, device)
         tokenizer_path, transformer_path = self._resolve(entry)
         tokenizer = load_any(tokenizer_path, "tokenizer", device=device).model.eval().requires_grad_(False)
         mvar = load_any(transformer_path, "transformer", device=device)
@@ -164,6 +170,16 @@ class ModelRegistry:
         sampling = {**VAR_SAMPLING, **entry.sampling, **mvar.extra.get("sampling_defaults", {})}
         sampling["top_k"] = min(int(sampling["top_k"]), transformer.cfg.vocab_size)  # 900 means nothing at vocab 32
         return LoadedModels(entry, tokenizer, transformer, var_model, list(names), sampling, mode)
+
+
+    def _random_models(self, entry: ModelEntry, device: str) -> LoadedModels:
+        preset = get_preset(entry.transformer)
+        torch.manual_seed(0)
+        tokenizer = MultiScaleVQVAE(preset.tokenizer).to(device).eval().requires_grad_(False)
+        transformer = ScaleTransformer(preset.transformer).to(device).eval().requires_grad_(False)
+        names = [f"class {i}" for i in range(preset.transformer.num_classes)]
+        sampling = {**VAR_SAMPLING, "top_k": min(VAR_SAMPLING["top_k"], preset.transformer.vocab_size)}
+        return LoadedModels(entry, tokenizer, transformer, transformer, names, sampling, AttentionMode.mvar())
 
 
 def _hub_available() -> bool:

@@ -185,3 +185,11 @@ def test_analysis_is_computed_once_per_model(registry):
     assert np.all(np.diff(first.mass_in_window) >= -1e-9)
     with pytest.raises(handlers.UserError, match="samples must be"):
         handlers.attention_statistics(models, samples=0)
+
+
+def test_without_any_model_files_an_untrained_stand_in_is_offered_and_labelled(tmp_path):
+    registry = ModelRegistry(None, assets_dir=tmp_path / "empty")
+    (entry,) = registry.entries()
+    assert entry.source == "random" and "UNTRAINED" in entry.label
+    models = registry.load(entry.key)
+    assert models.transformer.cfg.num_classes == len(models.class_names)
