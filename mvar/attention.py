@@ -221,13 +221,13 @@ def _natten_na2d():
     """
     try:
         natten = importlib.import_module("natten")
-    except Exception:  # noqa: BLE001 - a broken install must not break the CPU paths
+    except Exception:  # a broken install must not break the CPU paths
         return None
     na2d = getattr(natten, "na2d", None)
     if na2d is None:
         try:
             na2d = getattr(importlib.import_module("natten.functional"), "na2d", None)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
     return na2d
 
@@ -335,13 +335,13 @@ def _tile_plan(
     return _TilePlan(rows, cols, key_index.to(device), bias.to(device))
 
 
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    # low-precision logits are upcast: the softmax runs in fp32, the probabilities go back
+def _logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _to_tiles(x: torch.Tensor, height: int, width: int, plan: _TilePlan) -> torch.Tensor:
-    """(B, H, N, D) -> (B, H, T, Q, D): queries grouped by tile, the grid padded to whole tiles."""
+def _to_tiles(x: torch.Tensor, height: int, width: int, plan: _TilePlan, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, T, Q, D) of ``dtype``: queries grouped by tile, grid padded to whole tiles."""
     rows, cols = plan.rows, plan.cols
     grid = x.unflatten(2, (height, width))
     pad_h, pad_w = rows.count * rows.tile - height, cols.count * cols.tile - width
@@ -349,7 +349,8 @@ def _to_tiles(x: torch.Tensor, height: int, width: int, plan: _TilePlan) -> torc
         grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
     tiles = grid.unflatten(3, (cols.count, cols.tile)).unflatten(2, (rows.count, rows.tile))
     # (B, H, Tr, th, Tc, tw, D) -> (B, H, Tr, Tc, th, tw, D)
-    return tiles.permute(0, 1, 2, 4, 3, 5, 6).reshape(*x.shape[:2], plan.num_tiles, plan.tile_tokens, -1)
+    tiles = tiles.permute(0, 1, 2, 4, 3, 5, 6).to(dtype)
+    return tiles.reshape(*x.shape[:2], plan.num_tiles, plan.tile_tokens, x.shape[-1])
 
 
 def _from_tiles(x: torch.Tensor, height: int, width: int, plan: _TilePlan) -> torch.Tensor:
@@ -362,21 +363,31 @@ def _from_tiles(x: torch.Tensor, height: int, width: int, plan: _TilePlan) -> to
     return grid[:, :, :height, :width].reshape(*x.shape[:2], height * width, x.shape[-1])
 
 
+def _gather_regions(x: torch.Tensor, plan: _TilePlan, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, T, R*C, D) of ``dtype``: the key region of every tile, copied out."""
+    batch, heads, tokens, dim = x.shape
+    if x.dtype != dtype:  # cast and make contiguous in one pass
+        x = x.to(dtype, memory_format=torch.contiguous_format)
+    rows = x.reshape(batch * heads, tokens, dim)
+    # index_select of contiguous rows copies whole D-vectors: ~2x faster than advanced indexing
+    regions = rows.index_select(1, plan.key_index.view(-1))
+    return regions.view(batch, heads, plan.num_tiles, plan.region_tokens, dim)
+
+
 def _tiled_chunk(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int, scale: float, plan: _TilePlan
 ) -> torch.Tensor:
-    q_tiles = _to_tiles(q, height, width, plan)  # (B, H, T, Q, D), a fresh copy
+    """Halo-tile attention of one chunk of (batch, heads): (B, H, N, D) -> (B, H, N, Dv)."""
+    # q k^T runs in fp32 even for bf16 inputs: bf16 logits would round to 2^-8 of their size,
+    # which the exp turns into percent-level errors at the transformer's temperatures (up to 100)
+    exact = plan.bias.dtype
+    q_tiles = _to_tiles(q, height, width, plan, exact)  # (B, H, T, Q, D)
     if scale != 1.0:
         q_tiles = q_tiles * scale
-    k_regions = k[:, :, plan.key_index]  # (B, H, T, R*C, D)
-    v_regions = v[:, :, plan.key_index]
-    logits = torch.matmul(q_tiles, k_regions.transpose(-1, -2))  # (B, H, T, Q, R*C)
-    if logits.dtype == plan.bias.dtype:
-        logits.add_(plan.bias)
-    else:
-        logits = logits.to(plan.bias.dtype).add_(plan.bias)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    return _from_tiles(torch.matmul(probs, v_regions), height, width, plan)
+    logits = torch.matmul(q_tiles, _gather_regions(k, plan, exact).transpose(-1, -2))  # (B, H, T, Q, R*C)
+    probs = torch.softmax(logits.add_(plan.bias), dim=-1).to(v.dtype)
+    out = torch.matmul(probs, _gather_regions(v, plan, v.dtype))  # (B, H, T, Q, Dv)
+    return _from_tiles(out, height, width, plan)
 
 
 def _gather_attention(
@@ -393,7 +404,7 @@ def _gather_attention(
     if height <= kernel_size and width <= kernel_size:
         # every window is the whole grid (N <= k*k): plain attention, nothing to mask
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    plan = _tile_plan(height, width, kernel_size, tile, _softmax_dtype(q.dtype), str(q.device))
+    plan = _tile_plan(height, width, kernel_size, tile, _logits_dtype(q.dtype), str(q.device))
     batch, heads = q.shape[:2]
     per_head = plan.num_tiles * plan.region_tokens * (plan.tile_tokens + k.shape[-1] + v.shape[-1])
     heads_per_chunk = max(1, GATHER_CHUNK_ELEMENTS // per_head)
@@ -552,28 +563,31 @@ def windowed_attention_weights(
 # ---------------------------------------------------------------------------------------------
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) ms of each function, runs interleaved so load from elsewhere hits all alike."""
     import statistics
     import time
 
-    fn()  # warm-up: caches, allocator
-    times = []
+    for fn in fns.values():
+        fn()  # warm-up: plan caches, allocator
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def benchmark(
-    sides: tuple[int, ...] = (16, 24, 32, 64),
+    sides: tuple[int, ...] = (16, 20, 24, 32, 64),
     batch: int = 2,
     heads: int = 16,
     head_dim: int = 64,
     kernel_size: int = 7,
-    repeats: int = 5,
+    repeats: int = 7,
 ) -> list[dict]:
-    """Median forward time (ms) of the dense and gather backends, fp32 and bf16."""
+    """Forward time (median, min ms) of the dense and gather backends, fp32 and bf16, no grad."""
     rows = []
     generator = torch.Generator().manual_seed(0)
     for side in sides:
@@ -582,19 +596,23 @@ def benchmark(
             # the transformer's layout: q, k, v are views of one (B, N, 3, H, D) projection
             qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            times = {}
+            fns = {
+                backend: functools.partial(windowed_attention, q, k, v, side, side, kernel_size, 1.0, backend)
+                for backend in ("dense", "gather")
+            }
             with torch.no_grad():
-                for backend in ("dense", "gather"):
-                    args = (q, k, v, side, side, kernel_size, 1.0, backend)
-                    times[backend] = _median_ms(functools.partial(windowed_attention, *args), repeats)
+                times = _time_interleaved(fns, repeats if tokens <= 32 * 32 else max(3, repeats // 2))
             rows.append({"grid": f"{side}x{side}", "dtype": str(dtype).removeprefix("torch."), **times})
     return rows
 
 
 if __name__ == "__main__":
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads; B=2 H=16 D=64 k=7, forward only, median ms")
-    print(f"{'grid':>7} {'dtype':>9} {'dense':>9} {'gather':>9} {'speed-up':>9}")
+    print(f"torch {torch.__version__}, {threads} threads; B=2 H=16 D=64 k=7; forward, no grad; ms median (min)")
+    print(f"{'grid':>7} {'dtype':>9} {'dense':>16} {'gather':>16} {'dense/gather':>13}")
     for row in benchmark():
-        speedup = row["dense"] / row["gather"]
-        print(f"{row['grid']:>7} {row['dtype']:>9} {row['dense']:9.1f} {row['gather']:9.1f} {speedup:8.2f}x")
+        (dense, dense_min), (gather, gather_min) = row["dense"], row["gather"]
+        print(
+            f"{row['grid']:>7} {row['dtype']:>9} {dense:8.1f} ({dense_min:5.1f}) {gather:8.1f} ({gather_min:5.1f})"
+            f" {dense / gather:12.2f}x"
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -24,7 +26,8 @@ def brute_force_starts(length: int, kernel_size: int) -> list[int]:
     return starts
 
 
-def brute_force_mask(height: int, width: int, kernel_size: int) -> torch.Tensor:
+@functools.cache
+def _brute_force_mask(height: int, width: int, kernel_size: int) -> torch.Tensor:
     rows = brute_force_starts(height, kernel_size)
     cols = brute_force_starts(width, kernel_size)
     kh, kw = min(kernel_size, height), min(kernel_size, width)
@@ -35,6 +38,10 @@ def brute_force_mask(height: int, width: int, kernel_size: int) -> torch.Tensor:
                 for kc in range(cols[c], cols[c] + kw):
                     mask[r * width + c, kr * width + kc] = True
     return mask
+
+
+def brute_force_mask(height: int, width: int, kernel_size: int) -> torch.Tensor:
+    return _brute_force_mask(height, width, kernel_size).clone()
 
 
 def random_qkv(batch, heads, tokens, dim, dtype=torch.float32, seed=0):
@@ -234,6 +241,19 @@ def test_gather_accepts_the_transformers_strided_layout():
     assert (gather - dense).abs().max() < 1e-5
 
 
+def test_gather_backend_gradients_match_dense():
+    """Training runs through the same code: gradients must agree too."""
+    height, width, kernel_size = 11, 10, 5
+    inputs = [t.requires_grad_() for t in random_qkv(2, 2, height * width, 8, seed=11)]
+    cotangent = torch.randn(2, 2, height * width, 8, generator=torch.Generator().manual_seed(12))
+    grads = {}
+    for backend in ("dense", "gather"):
+        out = A.windowed_attention(*inputs, height, width, kernel_size, 0.8, backend=backend)
+        grads[backend] = torch.autograd.grad(out, inputs, cotangent)
+    for dense, gather in zip(grads["dense"], grads["gather"], strict=True):
+        assert (dense - gather).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("height,width", [(16, 16), (13, 13), (7, 9), (24, 10)])
 def test_backends_agree_bf16(height, width):
     kernel_size = 7
@@ -243,6 +263,21 @@ def test_backends_agree_bf16(height, width):
         out = A.windowed_attention(q, k, v, height, width, kernel_size, 0.2, backend=backend)
         assert out.dtype == torch.bfloat16 and out.shape == q.shape
         assert (out.double() - reference).abs().max() < 2e-2
+
+
+def test_bf16_gather_stays_accurate_at_the_transformers_temperatures():
+    """Unit q, k times a per-head temperature up to 100 (as in the transformer): logits reach 100,
+    where bf16 rounding of the logits alone would cost ~0.2 absolute error."""
+    side, kernel_size = 12, 7
+    q, k, v = random_qkv(2, 4, side * side, 32, seed=4)
+    temperature = torch.tensor([5.0, 20.0, 50.0, 100.0]).view(1, 4, 1, 1)
+    q = torch.nn.functional.normalize(q, dim=-1) * temperature
+    k = torch.nn.functional.normalize(k, dim=-1)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    reference = reference_attention(q, k, v, 1.0, brute_force_mask(side, side, kernel_size))
+    for backend in ("dense", "gather"):
+        out = A.windowed_attention(q, k, v, side, side, kernel_size, 1.0, backend=backend)
+        assert (out.double() - reference).abs().max() < 3e-2
 
 
 def test_dense_attention_passes_scale_and_mask_through():

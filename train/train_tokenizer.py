@@ -233,7 +233,8 @@ def main(argv=None) -> None:
                                  ips=f"{record['images_per_s']:.0f}")
         progress.update(1)
         if step % args.save_every == 0 or step == stop_at:
-            if info.is_main and (step % (args.save_every * 4) == 0 or step == args.steps):
+            final_export = step == args.steps and args.export  # the export evaluates once more anyway
+            if info.is_main and (step % (args.save_every * 4) == 0 or step == args.steps) and not final_export:
                 run.log({"step": step, **evaluate(model, val_set, args.val_size)})
             checkpoint()
     progress.close()
