@@ -93,9 +93,6 @@ class CodeUsage:
     def dead(self) -> torch.Tensor:
         return (self.hits == 0).nonzero().flatten()
 
-    def used_fraction(self) -> float:
-        return float((self.hits > 0).float().mean())
-
 
 @torch.no_grad()
 def reseed_dead_codes(model: MultiScaleVQVAE, images: torch.Tensor, dead: torch.Tensor, generator) -> int:
@@ -109,6 +106,17 @@ def reseed_dead_codes(model: MultiScaleVQVAE, images: torch.Tensor, dead: torch.
     noise = torch.randn(dead.numel(), vectors.shape[1], generator=generator) * 0.01
     model.quantize.embedding.weight[dead] = (vectors[pick] * 0.5 + noise).to(model.quantize.embedding.weight.dtype)
     return int(dead.numel())
+
+
+@torch.no_grad()
+def codebook_use(model: MultiScaleVQVAE, dataset, count: int, batch_size: int = 64) -> float:
+    """Fraction of the codebook that the tokens of ``count`` held-out images use."""
+    seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool)
+    for start in range(0, min(count, len(dataset)), batch_size):
+        images = torch.stack([dataset[i][0] for i in range(start, min(count, len(dataset), start + batch_size))])
+        for tokens in model.encode(images):
+            seen[tokens.flatten().cpu()] = True
+    return float(seen.float().mean())
 
 
 def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> float:
@@ -246,7 +254,7 @@ def main(argv=None) -> None:
         card = {
             "kind": "tokenizer", "command": command_line(), "steps": step, "batch_size": args.batch_size,
             "wall_seconds": round(wall_seconds + time.perf_counter() - started, 1),
-            "dead_codes_reseeded": reseeded_total, "codebook_used_last_window": usage.used_fraction(),
+            "dead_codes_reseeded": reseeded_total, "codebook_used_on_val": codebook_use(model, val_set, args.val_size),
             "data": args.data, "class_names": class_names, **metrics,
         }
         save_model(args.export, model.eval(), extra={"class_names": class_names, "card": card}, dtype=torch.float16)
