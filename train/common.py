@@ -8,6 +8,8 @@ with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -226,6 +228,28 @@ def autocast_context(device: torch.device, precision: str):
     if device.type == "cpu" and dtype == torch.float16:
         raise SystemExit("error: fp16 autocast is for CUDA; use --precision bf16 on CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=("run_dir",)):
+    """A command line with one ``--flag`` per dataclass field (defaults and types from the fields)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in required:
+            parser.add_argument(flag, required=True)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return cls(**vars(parser.parse_args(argv))), parser
+
+
+def restore_training_state(state: dict, model: torch.nn.Module, optimizer, ema: EMA | None) -> tuple[int, float]:
+    """Load model, optimiser, EMA and RNG state from a checkpoint dict; return (step, wall seconds so far)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and state.get("ema"):
+        ema.shadow = state["ema"]
+    set_rng_state(state["rng"])
+    return state["step"], state["wall_seconds"]
 
 
 def command_line() -> str:

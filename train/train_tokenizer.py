@@ -10,9 +10,8 @@ over ``--reseed-every`` steps) are re-seeded from current encoder residuals and 
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,8 +33,9 @@ from .common import (
     check_output_dir,
     cleanup_distributed,
     command_line,
+    parse_dataclass_args,
+    restore_training_state,
     rng_state,
-    set_rng_state,
     setup_distributed,
     warmup_cosine,
 )
@@ -70,14 +70,7 @@ class TokenizerTraining:
 
 
 def parse_args(argv=None) -> TokenizerTraining:
-    parser = argparse.ArgumentParser(prog="python -m train.train_tokenizer", description=__doc__.split("\n")[0])
-    for f in fields(TokenizerTraining):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "run_dir":
-            parser.add_argument(flag, required=True)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    return TokenizerTraining(**vars(parser.parse_args(argv)))
+    return parse_dataclass_args(TokenizerTraining, "python -m train.train_tokenizer", __doc__.split("\n")[0], argv)[0]
 
 
 class CodeUsage:
@@ -169,14 +162,10 @@ def main(argv=None) -> None:
 
     state = run.load_latest()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema"):
-            ema.shadow = state["ema"]
+        step, wall_seconds = restore_training_state(state, model, optimizer, ema)
         usage.hits = state["usage"]
         reseed_generator.set_state(state["reseed_rng"])
-        set_rng_state(state["rng"])
-        step, wall_seconds, reseeded_total = state["step"], state["wall_seconds"], state["reseeded_total"]
+        reseeded_total = state["reseeded_total"]
         if info.is_main:
             print(f"resumed from step {step}")
 
@@ -251,6 +240,7 @@ def main(argv=None) -> None:
         if ema is not None:
             ema.copy_to(model)
         metrics = evaluate(model, val_set, args.val_size)
+        run.log({"step": step, "exported": True, **metrics})
         card = {
             "kind": "tokenizer", "command": command_line(), "steps": step, "batch_size": args.batch_size,
             "wall_seconds": round(wall_seconds + time.perf_counter() - started, 1),

@@ -13,10 +13,9 @@ Cross-entropy with label smoothing; every token weighs 1/L (L = all tokens of al
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -39,8 +38,9 @@ from .common import (
     check_output_dir,
     cleanup_distributed,
     command_line,
+    parse_dataclass_args,
+    restore_training_state,
     rng_state,
-    set_rng_state,
     setup_distributed,
     warmup_cosine,
 )
@@ -81,14 +81,8 @@ class TransformerTraining:
 
 
 def parse_args(argv=None) -> TransformerTraining:
-    parser = argparse.ArgumentParser(prog="python -m train.train_transformer", description=__doc__.split("\n")[0])
-    for f in fields(TransformerTraining):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "run_dir":
-            parser.add_argument(flag, required=True)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    args = TransformerTraining(**vars(parser.parse_args(argv)))
+    args, parser = parse_dataclass_args(TransformerTraining, "python -m train.train_transformer",
+                                        __doc__.split("\n")[0], argv)
     if args.mode not in ("var", "mvar"):
         parser.error(f"--mode must be var or mvar, got {args.mode}")
     return args
@@ -208,12 +202,7 @@ def main(argv=None) -> None:
     step, wall_seconds = 0, 0.0
     state = run.load_latest()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema"):
-            ema.shadow = state["ema"]
-        set_rng_state(state["rng"])
-        step, wall_seconds = state["step"], state["wall_seconds"]
+        step, wall_seconds = restore_training_state(state, model, optimizer, ema)
         if info.is_main:
             print(f"resumed from step {step}")
 
