@@ -151,7 +151,8 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
             latency_plot = gr.Plot(elem_id="latency-plot")
 
         # ----- events -----
-        def on_model(key):
+        def on_model(key, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - shows hub download bars
+            progress(0, desc="loading the model (downloading it first if it comes from the hub)")
             models = registry.load(key)
             return (gr.update(choices=models.class_names, value=models.class_names[0]), models.baseline_note,
                     models.sampling["cfg"], models.sampling["top_k"], models.sampling["top_p"])
