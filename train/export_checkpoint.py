@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mvar.checkpoints import load_any, save_model
+from mvar.config import get_preset
 from mvar.transformer import ScaleTransformer
 
 from .common import RunFolder
@@ -32,8 +33,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no readable checkpoint in {args.run_dir}")
     run_args = TransformerTraining(**state["args"])
     tokenizer = load_any(run_args.tokenizer, "tokenizer").model.eval().requires_grad_(False)
-    from mvar.config import get_preset
-
     model = ScaleTransformer(get_preset(run_args.preset).transformer)
     model.load_state_dict(state["model"])
     if run_args.ema > 0 and state.get("ema"):
