@@ -193,3 +193,24 @@ def test_without_any_model_files_an_untrained_stand_in_is_offered_and_labelled(t
     assert entry.source == "random" and "UNTRAINED" in entry.label
     models = registry.load(entry.key)
     assert models.transformer.cfg.num_classes == len(models.class_names)
+
+
+def test_registry_lists_official_files_and_hub_presets_but_never_paths_from_the_browser(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("vae_ch160v4096z32.pth", "var_d16.pth", "mvar-finetune-d16.pth", "unrelated.pth"):
+        (models / name).write_bytes(b"")
+    registry = ModelRegistry(models, assets_dir=tmp_path / "no-assets")
+    entries = {e.key: e for e in registry.entries()}
+    assert set(entries) == {"var-d16", "mvar-finetune-d16"}
+    assert entries["mvar-finetune-d16"].var_transformer.endswith("var_d16.pth")  # separate VAR baseline
+    assert entries["mvar-finetune-d16"].sampling["cfg"] == 2.0  # the official README's suggestion
+    with pytest.raises(ValueError, match="unknown model"):
+        registry.load(str(models / "var_d16.pth"))  # a path is not a key
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.ModuleType("huggingface_hub"))
+    online = ModelRegistry(models, assets_dir=tmp_path / "no-assets", allow_download=True)
+    keys = [e.key for e in online.entries()]
+    assert "mvar-d16" in keys and "var-d30" in keys and keys.count("var-d16") == 1
