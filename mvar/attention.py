@@ -36,13 +36,14 @@ from .schedule import ScaleSchedule
 BACKENDS: tuple[str, ...] = ("auto", "dense", "gather", "natten")
 
 # "auto" uses dense attention up to this many tokens per grid and the gather backend above it.
-# Measured on a 2-core AVX-512 CPU (B=2, H=16, D=64, k=7, see the benchmark below): dense and
-# gather are on par at 16x16 (dense slightly ahead, above all in bf16), gather wins from ~24x24
-# on and is ~4-8x faster at 64x64.
-DENSE_MAX_TOKENS = 16 * 16
+# Measured on this project's 2-core AVX-512 CPU (B=2, H=16, D=64, k=7; `python -m mvar.attention`):
+# dense is ahead at 16x16, the two tie around 20x20, gather wins from 24x24 (~1.6x) and is ~4-7x
+# faster at 64x64. So MVAR's own 13x13 and 16x16 scales run dense on CPU.
+DENSE_MAX_TOKENS = 20 * 20
 
 # Query tile of the gather backend. 8x8 with k=7 gives 14x14 key regions (4x the 49 useful keys)
-# and matrix products large enough to run near peak; smaller tiles waste less but run slower.
+# and matrix products large enough to run near peak; 4x4..6x6 tiles waste less but ran slower,
+# 16x16 tiles waste too much (measured 16..64 grids, fp32 and bf16).
 GATHER_TILE = (8, 8)
 
 # Upper bound on the elements one gather-backend chunk materialises (logits + key/value regions);
