@@ -442,3 +442,12 @@ def test_ddp_two_ranks_match_single_process(tokenizer_run, tmp_path):
         return [r["loss"] for r in records if "loss" in r]
 
     assert losses(ddp_dir) == pytest.approx(losses(single_dir), abs=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["--log-every", "--save-every", "--steps", "--batch-size"])
+def test_non_positive_intervals_are_refused_up_front(flag, capsys):
+    from train import train_transformer
+
+    with pytest.raises(SystemExit):
+        train_transformer.parse_args(["--run-dir", "/tmp/unused", flag, "0"])
+    assert "must be at least 1" in capsys.readouterr().err

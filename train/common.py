@@ -239,7 +239,11 @@ def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=(
             parser.add_argument(flag, required=True)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
-    return cls(**vars(parser.parse_args(argv))), parser
+    parsed = cls(**vars(parser.parse_args(argv)))
+    for name in ("steps", "batch_size", "save_every", "log_every"):
+        if hasattr(parsed, name) and getattr(parsed, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(parsed, name)}")
+    return parsed, parser
 
 
 def restore_training_state(state: dict, model: torch.nn.Module, optimizer, ema: EMA | None) -> tuple[int, float]:
