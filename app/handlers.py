@@ -23,7 +23,9 @@ from PIL import Image
 
 from mvar.config import VAR_MODE, AttentionMode
 from mvar.costs import generation_cost
+from mvar.sample import to_uint8
 from mvar.sampling import SamplingConfig, generate_steps, normalize_seed
+from mvar.schedule import ScaleSchedule
 
 from . import plots
 from .analysis import AttentionStats, mass_per_key_scale, scale_grid, window_box
@@ -97,11 +99,6 @@ def capture_layers_for(models: LoadedModels) -> tuple[int, ...]:
     per_layer = sum(schedule.tokens(s) * schedule.end(s) for s in range(schedule.num_scales)) * cfg.num_heads * 2
     count = max(1, min(cfg.depth, CAPTURE_BUDGET_BYTES // per_layer))
     return tuple(sorted({round(i * (cfg.depth - 1) / max(1, count - 1)) for i in range(count)}))
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
-    return images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +247,6 @@ def attention_view(record: GenerationRecord | None, scale, layer, head, row, col
         raise UserError(f"token ({row}, {col}) is outside the {side}x{side} grid of scale {scale}")
     query = row * side + col
     schedule_nums = record.patch_nums
-    from mvar.schedule import ScaleSchedule
-
     schedule = ScaleSchedule(schedule_nums)
     mvar_run, var_run = record.runs["MVAR"], record.runs["VAR"]
 

@@ -7,6 +7,7 @@ Every event goes through a wrapper that turns ``UserError`` and other failures i
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import gradio as gr
@@ -61,7 +62,6 @@ def display(image):
 
 
 def _is_generator(fn) -> bool:
-    import inspect
     return inspect.isgeneratorfunction(fn)
 
 

@@ -138,10 +138,6 @@ def mask_image(patch_nums: tuple[int, ...], kind: str, refine_step: int = 8, ker
     allowed = allowed.numpy()
     length = allowed.shape[0]
     image = np.where(allowed[..., None], np.array([40, 60, 120], np.uint8), np.array([245, 245, 245], np.uint8))
-    if highlight_row is not None:
-        row = image[highlight_row]
-        image[highlight_row] = np.where(allowed[highlight_row][:, None], [230, 30, 30], [255, 200, 200])
-        del row
     picked = (np.arange(size) * length // size).clip(0, length - 1)
     out = image[picked][:, picked].astype(np.uint8)
     if highlight_row is not None:  # keep the highlighted row visible after downsampling

@@ -34,10 +34,9 @@ def test_generation_flops_match_the_flop_counter(tiny_transformer, tiny_tokenize
         cond = tiny_transformer.class_condition(labels)
         cache = None if mode.markov else tiny_transformer.new_kv_cache(rows)
         for scale in range(10):
-            cond_s = tiny_transformer.class_condition(labels) if scale else cond
-            x = tiny_transformer.embed_scale(scale, cond_s, inputs[scale])
+            x = tiny_transformer.embed_scale(scale, cond, inputs[scale])
             plan = tiny_transformer.plan_for(mode, [scale], cached=cache is not None)
-            tiny_transformer.logits(tiny_transformer.run_blocks(x, cond_s, plan, cache), cond_s)
+            tiny_transformer.logits(tiny_transformer.run_blocks(x, cond, plan, cache), cond)
 
     counted = _counted(run)
     model = generation_cost(tiny_transformer.cfg, mode, batch=rows, cfg_guidance=False, windowed_as_dense=True)
