@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import boolean, integer, positive_integers, real, shown
 from .schedule import ScaleSchedule
 
 BACKENDS: tuple[str, ...] = ("auto", "dense", "gather", "natten")
@@ -50,6 +51,10 @@ GATHER_TILE = (8, 8)
 # larger problems are cut along batch and heads. 2**25 fp32 elements is 128 MiB.
 GATHER_CHUNK_ELEMENTS = 2**25
 
+# Largest sequence the public mask builders materialise as an (L, L) bool matrix: 2**28 bytes is
+# 256 MiB. Beyond it a typo (a 10**5 grid) would exhaust memory instead of failing.
+MAX_MASK_TOKENS = 2**14
+
 
 # ---------------------------------------------------------------------------------------------
 # Neighbourhoods (NATTEN semantics)
@@ -65,9 +70,17 @@ def _check_kernel_size(kernel_size: int) -> int:
 
 
 def _check_side(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return integer(name, value, low=1)
+
+
+def _check_mask_tokens(tokens: int) -> None:
+    if tokens > MAX_MASK_TOKENS:
+        raise ValueError(f"a dense mask over {tokens} tokens is too large (at most {MAX_MASK_TOKENS} tokens)")
+
+
+def _check_scale_factor(scale) -> float:
+    """The softmax temperature: a finite number (NaN or inf would turn every output into NaN)."""
+    return real("scale", scale)
 
 
 def window_starts(length: int, kernel_size: int) -> torch.LongTensor:
@@ -126,6 +139,7 @@ def neighborhood_mask(height: int, width: int, kernel_size: int) -> torch.BoolTe
     _check_side("height", height)
     _check_side("width", width)
     _check_kernel_size(kernel_size)
+    _check_mask_tokens(height * width)
     return _neighborhood_mask_cached(height, width, kernel_size, "cpu").clone()
 
 
@@ -135,7 +149,9 @@ def neighborhood_mask(height: int, width: int, kernel_size: int) -> torch.BoolTe
 
 
 def _scale_ids(patch_nums: tuple[int, ...]) -> torch.Tensor:
-    return ScaleSchedule(tuple(patch_nums)).scale_of_positions()
+    schedule = ScaleSchedule(patch_nums)
+    _check_mask_tokens(schedule.total_tokens)
+    return schedule.scale_of_positions()
 
 
 def block_causal_mask(patch_nums: tuple[int, ...]) -> torch.BoolTensor:
@@ -156,9 +172,8 @@ def mvar_mask(patch_nums: tuple[int, ...], refine_step: int, kernel_size: int) -
     The diagonal block of a windowed scale is the neighbourhood mask of its pn x pn grid. This is
     the dense picture of MVAR's attention (the app draws it; tests use it as a reference).
     """
-    schedule = ScaleSchedule(tuple(patch_nums))
-    if isinstance(refine_step, bool) or not isinstance(refine_step, int) or refine_step < 0:
-        raise ValueError(f"refine_step must be a non-negative int, got {refine_step!r}")
+    schedule = ScaleSchedule(patch_nums)
+    integer("refine_step", refine_step, low=0)
     _check_kernel_size(kernel_size)
     mask = block_diagonal_mask(schedule.patch_nums)
     for scale in range(refine_step, schedule.num_scales):
@@ -175,6 +190,8 @@ def mvar_mask(patch_nums: tuple[int, ...], refine_step: int, kernel_size: int) -
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {_describe(t)}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be (B, H, N, D), got shape {tuple(t.shape)}")
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
@@ -200,9 +217,17 @@ def dense_attention(
     ``scale`` is passed through as is (the transformer uses 1.0: its q carries the temperature).
     """
     _check_qkv(q, k, v)
+    scale = _check_scale_factor(scale)
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = may attend), got {_describe(mask)}")
+        scores = (*q.shape[:3], k.shape[2])
+        try:
+            broadcast = torch.broadcast_shapes(mask.shape, scores)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != torch.Size(scores):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores {scores}")
         if mask.device != q.device:
             mask = mask.to(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -247,10 +272,14 @@ def resolve_backend(
     ``DENSE_MAX_TOKENS`` tokens and gather above. Asking for "natten" where it can't run is a
     ValueError. ``natten_installed`` overrides the import check (for tests).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    device_type = torch.device(device).type
-    installed = natten_available() if natten_installed is None else natten_installed
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {shown(backend)}; choose one of {BACKENDS}")
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a device name like 'cpu', got {shown(device)}") from None
+    integer("num_tokens", num_tokens, low=1)
+    installed = natten_available() if natten_installed is None else boolean("natten_installed", natten_installed)
     natten_ok = installed and device_type == "cuda"
     if backend == "natten":
         if not natten_ok:
@@ -482,6 +511,7 @@ def windowed_attention(
     "natten" | "auto" (see :func:`resolve_backend`). bf16 in gives bf16 out.
     """
     _check_window(q, k, v, height, width, kernel_size)
+    scale = _check_scale_factor(scale)
     chosen = resolve_backend(backend, q.device, height * width)
     if chosen == "natten":
         return _natten_attention(q, k, v, height, width, kernel_size, scale)
@@ -496,7 +526,16 @@ def windowed_attention(
 # ---------------------------------------------------------------------------------------------
 
 
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{shown(value)} ({type(value).__name__})"
+
+
 def _check_rows_and_keys(q_rows: torch.Tensor, k: torch.Tensor) -> None:
+    for name, t in (("q_rows", q_rows), ("k", k)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {_describe(t)}")
     if q_rows.dim() != 4 or k.dim() != 4 or q_rows.shape[:2] != k.shape[:2] or q_rows.shape[3] != k.shape[3]:
         raise ValueError(
             f"q_rows (B, H, nq, D) and k (B, H, Nk, D) disagree: {tuple(q_rows.shape)}, {tuple(k.shape)}"
@@ -512,15 +551,25 @@ def dense_attention_weights(
     fp32; a query with no allowed key gets a row of zeros.
     """
     _check_rows_and_keys(q_rows, k)
+    scale = _check_scale_factor(scale)
     logits = torch.matmul(q_rows.float(), k.float().transpose(-1, -2)) * scale
     if mask_rows is not None:
-        if mask_rows.dtype != torch.bool or mask_rows.shape != logits.shape[-2:]:
-            raise ValueError(
-                f"mask_rows must be bool (nq, Nk) = {tuple(logits.shape[-2:])}, "
-                f"got {mask_rows.dtype} {tuple(mask_rows.shape)}"
-            )
+        expected = logits.shape[-2:]
+        if not isinstance(mask_rows, torch.Tensor) or mask_rows.dtype != torch.bool or mask_rows.shape != expected:
+            raise ValueError(f"mask_rows must be bool (nq, Nk) = {tuple(expected)}, got {_describe(mask_rows)}")
         logits = logits.masked_fill(~mask_rows.to(logits.device), float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def _check_query_index(query_index) -> torch.Tensor:
+    """Flat query positions as a LongTensor (nq,): integers only (a float 2.7 is no position)."""
+    try:
+        index = torch.as_tensor(query_index)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"query_index must be integer positions, got {shown(query_index)}") from None
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+        raise ValueError(f"query_index must be integer positions, got {_describe(index)}")
+    return index.to(torch.long).reshape(-1)
 
 
 def windowed_attention_weights(
@@ -541,8 +590,9 @@ def windowed_attention_weights(
     _check_side("height", height)
     _check_side("width", width)
     _check_kernel_size(kernel_size)
+    scale = _check_scale_factor(scale)
     tokens = height * width
-    query_index = torch.as_tensor(query_index, dtype=torch.long).reshape(-1)
+    query_index = _check_query_index(query_index)
     _check_rows_and_keys(q_rows, k)
     if k.shape[2] != tokens:
         raise ValueError(f"k has {k.shape[2]} tokens, a {height}x{width} grid has {tokens}")
@@ -589,6 +639,10 @@ def benchmark(
     repeats: int = 7,
 ) -> list[dict]:
     """Forward time (median, min ms) of the dense and gather backends, fp32 and bf16, no grad."""
+    sides = positive_integers("sides", sides)
+    for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("repeats", repeats)):
+        integer(name, value, low=1)
+    _check_kernel_size(kernel_size)
     rows = []
     generator = torch.Generator().manual_seed(0)
     for side in sides:

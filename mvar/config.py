@@ -9,10 +9,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .checks import boolean, integer, positive_integers, real, shown
 from .schedule import OFFICIAL_PATCH_NUMS, ScaleSchedule
 
 
+def _check_integers(config, **lowest: int) -> None:
+    """Each named field must be an int >= its lowest value; numpy ints are stored as int (for JSON)."""
+    for name, low in lowest.items():
+        object.__setattr__(config, name, integer(name, getattr(config, name), low=low))
+
+
 def _from_dict(cls, data: dict):
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}.from_dict needs a dict, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
@@ -39,11 +48,14 @@ class TokenizerConfig:
     use_mid_attention: bool = True
 
     def __post_init__(self) -> None:
-        schedule = ScaleSchedule(tuple(self.patch_nums))
+        schedule = ScaleSchedule(self.patch_nums)
         object.__setattr__(self, "patch_nums", schedule.patch_nums)
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        if self.vocab_size < 2 or self.latent_channels < 1 or self.channels < 1:
-            raise ValueError("vocab_size >= 2, latent_channels >= 1 and channels >= 1 are required")
+        object.__setattr__(self, "channel_mult", positive_integers("channel_mult", self.channel_mult))
+        _check_integers(self, vocab_size=2, latent_channels=1, channels=1, num_res_blocks=1, image_size=1, num_phi=1)
+        real("phi_ratio", self.phi_ratio, 0, 1)
+        real("beta", self.beta, 0)
+        boolean("use_attention", self.use_attention)
+        boolean("use_mid_attention", self.use_mid_attention)
         if any(self.channels * m % 32 for m in self.channel_mult):
             raise ValueError("every level's channel count must be a multiple of 32 (GroupNorm with 32 groups)")
         if self.image_size % self.downsample != 0:
@@ -91,14 +103,17 @@ class TransformerConfig:
     cond_drop_rate: float = 0.1  # label dropout to the null class, training only
 
     def __post_init__(self) -> None:
-        schedule = ScaleSchedule(tuple(self.patch_nums))
+        schedule = ScaleSchedule(self.patch_nums)
         object.__setattr__(self, "patch_nums", schedule.patch_nums)
-        if self.depth < 1 or self.num_heads < 1 or self.width < 1:
-            raise ValueError("depth, width and num_heads must be positive")
+        _check_integers(self, depth=1, width=1, num_heads=1, num_classes=1, vocab_size=2, latent_channels=1)
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.num_classes < 1 or self.vocab_size < 2:
-            raise ValueError("num_classes >= 1 and vocab_size >= 2 are required")
+        real("mlp_ratio", self.mlp_ratio, 0, low_open=True)
+        if self.mlp_hidden < 1:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} leaves the MLP without hidden units at width {self.width}")
+        real("norm_eps", self.norm_eps, 0, low_open=True)
+        real("drop_path_rate", self.drop_path_rate, 0, 1)
+        real("cond_drop_rate", self.cond_drop_rate, 0, 1)
 
     @property
     def head_dim(self) -> int:
@@ -141,12 +156,12 @@ class AttentionMode:
     backend: str = "auto"  # windowed attention backend: auto | dense | gather | natten
 
     def __post_init__(self) -> None:
-        if self.refine_step < 0:
-            raise ValueError(f"refine_step must be >= 0, got {self.refine_step}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+        boolean("markov", self.markov)
+        _check_integers(self, refine_step=0, kernel_size=1)
+        if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
-        if self.backend not in ("auto", "dense", "gather", "natten"):
-            raise ValueError(f"unknown attention backend {self.backend!r}")
+        if not isinstance(self.backend, str) or self.backend not in ("auto", "dense", "gather", "natten"):
+            raise ValueError(f"unknown attention backend {shown(self.backend)}; choose auto, dense, gather or natten")
 
     @property
     def name(self) -> str:
@@ -216,6 +231,6 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from .checks import boolean, integer
 from .config import AttentionMode, TransformerConfig
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
 def dtype_bytes(dtype) -> int:
+    if not isinstance(dtype, str | torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}")
     name = str(dtype).replace("torch.", "")
     if name not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}")
@@ -75,8 +78,16 @@ class GenerationCost:
         return self.parameter_bytes + self.kv_cache_bytes + self.peak_activation_bytes
 
 
+def _check_model(cfg, mode=None) -> None:
+    if not isinstance(cfg, TransformerConfig):
+        raise ValueError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
+    if mode is not None and not isinstance(mode, AttentionMode):
+        raise ValueError(f"mode must be an AttentionMode, got {type(mode).__name__}")
+
+
 def parameter_count(cfg: TransformerConfig) -> int:
     """Exact number of parameters of :class:`~mvar.transformer.ScaleTransformer`."""
+    _check_model(cfg)
     c, m, v = cfg.width, cfg.mlp_hidden, cfg.vocab_size
     schedule = cfg.schedule
     embeddings = (cfg.latent_channels * c + c) + (cfg.num_classes + 1) * c \
@@ -87,8 +98,9 @@ def parameter_count(cfg: TransformerConfig) -> int:
 
 
 def keys_per_query(cfg: TransformerConfig, mode: AttentionMode, scale: int, windowed_as_dense: bool = False) -> int:
+    _check_model(cfg, mode)
     schedule = cfg.schedule
-    side = cfg.patch_nums[scale]
+    side = cfg.patch_nums[schedule.check_scale(scale)]  # checked: a negative index would wrap silently
     if not mode.markov:
         return schedule.end(scale)
     if mode.is_windowed(scale) and not windowed_as_dense:
@@ -105,8 +117,10 @@ def generation_cost(
     windowed_as_dense: bool = False,
 ) -> GenerationCost:
     """Per-scale and total cost of generating ``batch`` samples (CFG doubles the rows)."""
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    _check_model(cfg, mode)
+    batch = integer("batch", batch, low=1)
+    boolean("cfg_guidance", cfg_guidance)
+    boolean("windowed_as_dense", windowed_as_dense)
     nbytes = dtype_bytes(dtype)
     rows = batch * (2 if cfg_guidance else 1)
     c, m, v, depth = cfg.width, cfg.mlp_hidden, cfg.vocab_size, cfg.depth
@@ -139,7 +153,10 @@ def teacher_forced_flops(cfg: TransformerConfig, mode: AttentionMode, batch: int
     scales jointly (each attending only to itself), each windowed scale alone.
     """
     schedule = cfg.schedule
-    last_scale = schedule.num_scales - 1 if last_scale is None else last_scale
+    _check_model(cfg, mode)
+    batch = integer("batch", batch, low=1)
+    first_scale, last_scale = schedule.check_range(first_scale, last_scale)
+    boolean("windowed_as_dense", windowed_as_dense)
     c, m, v, depth = cfg.width, cfg.mlp_hidden, cfg.vocab_size, cfg.depth
 
     def group_flops(scales: list[int], pairs: int, logit_tokens: int) -> int:

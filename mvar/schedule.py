@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import is_integer, shown
+
 OFFICIAL_PATCH_NUMS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
@@ -21,11 +23,14 @@ class ScaleSchedule:
     patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
 
     def __post_init__(self) -> None:
+        if isinstance(self.patch_nums, str | bytes) or not hasattr(self.patch_nums, "__iter__"):
+            raise ValueError(f"patch_nums must be a sequence of positive integers, got {shown(self.patch_nums)}")
         nums = tuple(self.patch_nums)
         if not nums:
             raise ValueError("patch_nums must name at least one scale")
-        if any((not isinstance(p, int)) or p < 1 for p in nums):
-            raise ValueError(f"patch_nums must be positive integers, got {nums}")
+        if any(not is_integer(p) or p < 1 for p in nums):
+            raise ValueError(f"patch_nums must be positive integers, got {shown(nums)}")
+        nums = tuple(int(p) for p in nums)  # numpy ints -> int: the tuple goes into JSON metadata
         if any(b <= a for a, b in zip(nums, nums[1:], strict=False)):
             raise ValueError(f"patch_nums must be strictly increasing, got {nums}")
         object.__setattr__(self, "patch_nums", nums)
@@ -53,26 +58,32 @@ class ScaleSchedule:
 
     def span(self, first: int, last: int) -> tuple[int, int]:
         """Flat positions ``[begin, end)`` covered by scales ``first..last`` inclusive."""
-        if last < first:
-            raise ValueError(f"empty scale range {first}..{last}")
+        first, last = self.check_range(first, last)
         return self.begin(first), self.end(last)
 
     def check_scale(self, scale: int) -> int:
-        if not isinstance(scale, int) or isinstance(scale, bool):
-            raise ValueError(f"scale index must be an int, got {type(scale).__name__}")
+        if not is_integer(scale):
+            raise ValueError(f"scale index must be an int in 0..{self.num_scales - 1}, got {type(scale).__name__}")
         if not 0 <= scale < self.num_scales:
-            raise ValueError(f"scale index {scale} is out of range 0..{self.num_scales - 1}")
-        return scale
+            raise ValueError(f"scale index {shown(scale)} is out of range 0..{self.num_scales - 1}")
+        return int(scale)
+
+    def check_range(self, first: int, last: int | None = None) -> tuple[int, int]:
+        """Valid scale indices ``first <= last`` (None = the last scale), else ValueError."""
+        first = self.check_scale(first)
+        last = self.check_scale(self.num_scales - 1 if last is None else last)
+        if last < first:
+            raise ValueError(f"empty scale range {first}..{last}")
+        return first, last
 
     def scale_of_positions(self, first: int = 0, last: int | None = None) -> torch.Tensor:
         """Scale index of every flat position of scales ``first..last``: LongTensor (L,)."""
-        last = self.num_scales - 1 if last is None else last
+        first, last = self.check_range(first, last)
         return torch.cat(
             [torch.full((self.tokens(s),), s, dtype=torch.long) for s in range(first, last + 1)]
         )
 
     def guidance_ratio(self, scale: int) -> float:
         """s / (S-1): VAR's CFG ramp and the Phi tick position of scale ``s``."""
-        if self.num_scales == 1:
-            return 0.0
-        return self.check_scale(scale) / (self.num_scales - 1)
+        scale = self.check_scale(scale)  # checked even when there is a single scale
+        return 0.0 if self.num_scales == 1 else scale / (self.num_scales - 1)

@@ -17,7 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import integer, real
 from .config import TokenizerConfig
+
+
+def _check_tensor(name: str, value, ndim: int, floating: bool = True) -> torch.Tensor:
+    """A tensor of ``ndim`` dims, floating point (or integer with ``floating=False``), else ValueError."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    kind_ok = value.is_floating_point() if floating else not (value.is_floating_point() or value.is_complex()
+                                                                  or value.dtype == torch.bool)
+    if value.ndim != ndim or not kind_ok:
+        kind = "floating-point" if floating else "integer"
+        raise ValueError(f"{name} must be a {ndim}-D {kind} tensor, got {value.dtype} of shape {tuple(value.shape)}")
+    return value
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -195,6 +208,7 @@ class SharedPhis(nn.Module):
 
     def for_position(self, at: float) -> Phi:
         """The Phi of a scale at relative position ``at`` = s/(S-1) in [0, 1]."""
+        at = real("at", at, 0, 1)
         return self.qresi_ls[int(np.argmin(np.abs(self.ticks - at)))]
 
 
@@ -209,6 +223,7 @@ class MultiScaleQuantizer(nn.Module):
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(cfg.patch_nums), cfg.vocab_size))
 
     def phi(self, scale: int) -> Phi:
+        scale = self.cfg.schedule.check_scale(scale)  # out of range would silently pick the nearest Phi
         last = len(self.patch_nums) - 1
         return self.quant_resi.for_position(scale / last if last else 0.0)
 
@@ -221,7 +236,10 @@ class MultiScaleQuantizer(nn.Module):
 
     def embed_tokens(self, scale: int, tokens: torch.Tensor) -> torch.Tensor:
         """Token indices (B, p*p) of scale s -> embeddings (B, Cvae, p, p)."""
-        side = self.patch_nums[scale]
+        side = self.patch_nums[self.cfg.schedule.check_scale(scale)]
+        _check_tensor("tokens", tokens, 2, floating=False)
+        if tokens.shape[1] != side * side:
+            raise ValueError(f"scale {scale} tokens must be (B, {side * side}), got {tuple(tokens.shape)}")
         return self.embedding(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
     def nearest_codes(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -240,6 +258,7 @@ class MultiScaleQuantizer(nn.Module):
 
         No gradient flows (use ``forward`` for training).
         """
+        _check_tensor("f", f, 4)
         batch, channels, height, width = f.shape
         if (height, width) != (self.patch_nums[-1],) * 2:
             raise ValueError(
@@ -309,6 +328,9 @@ class MultiScaleVQVAE(nn.Module):
 
     def check_images(self, images: torch.Tensor) -> None:
         size = self.cfg.image_size
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            kind = f"{images.dtype} tensor" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected floating-point images (B, 3, {size}, {size}), got a {kind}")
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
             raise ValueError(f"expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
 
@@ -321,10 +343,15 @@ class MultiScaleVQVAE(nn.Module):
         return self.quantize.quantize(self.encode_latent(images))[0]
 
     def check_tokens(self, tokens: list[torch.Tensor]) -> None:
+        if isinstance(tokens, torch.Tensor) or not isinstance(tokens, list | tuple):
+            raise ValueError(f"tokens must be a list of per-scale tensors, got {type(tokens).__name__}")
         if not 1 <= len(tokens) <= len(self.patch_nums):
             raise ValueError(f"expected 1..{len(self.patch_nums)} token maps, got {len(tokens)}")
         for scale, idx in enumerate(tokens):
             side = self.patch_nums[scale]
+            _check_tensor(f"scale {scale} tokens", idx, 2, floating=False)
+            if idx.shape[0] != tokens[0].shape[0]:
+                raise ValueError(f"scale {scale} has {idx.shape[0]} samples, scale 0 has {tokens[0].shape[0]}")
             if idx.ndim != 2 or idx.shape[1] != side * side:
                 raise ValueError(f"scale {scale} tokens must be (B, {side * side}), got {tuple(idx.shape)}")
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
@@ -343,19 +370,34 @@ class MultiScaleVQVAE(nn.Module):
 
     def add_scale(self, f_hat: torch.Tensor, scale: int, h_small: torch.Tensor) -> torch.Tensor:
         """Accumulate scale s's embeddings (B, Cvae, p_s, p_s) into f_hat (returns a new tensor)."""
+        side = self.patch_nums[self.cfg.schedule.check_scale(scale)]
+        self._check_f_hat(f_hat)
+        _check_tensor("h_small", h_small, 4)
+        if tuple(h_small.shape) != (f_hat.shape[0], self.cfg.latent_channels, side, side):
+            raise ValueError(f"h_small of scale {scale} must be ({f_hat.shape[0]}, {self.cfg.latent_channels}, "
+                             f"{side}, {side}), got {tuple(h_small.shape)}")
         return f_hat + self.quantize.upsampled_scale_embedding(scale, h_small)
 
     def scale_input(self, f_hat: torch.Tensor, scale: int) -> torch.Tensor:
         """Transformer input of scale s>0: f_hat area-downsampled to p_s, as tokens (B, p_s*p_s, Cvae)."""
-        side = self.patch_nums[scale]
+        side = self.patch_nums[self.cfg.schedule.check_scale(scale)]
+        self._check_f_hat(f_hat)
         small = f_hat if f_hat.shape[-1] == side else F.interpolate(f_hat, size=(side, side), mode="area")
         return small.flatten(2).transpose(1, 2)
+
+    def _check_f_hat(self, f_hat) -> None:
+        """An accumulated map (B, Cvae, p_last, p_last)."""
+        side = self.patch_nums[-1]
+        _check_tensor("f_hat", f_hat, 4)
+        if tuple(f_hat.shape[1:]) != (self.cfg.latent_channels, side, side):
+            raise ValueError(f"f_hat must be (B, {self.cfg.latent_channels}, {side}, {side}), got {tuple(f_hat.shape)}")
 
     def teacher_forcing_inputs(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """Inputs of scales 1..S-1 for the teacher-forced forward: (B, L - 1, Cvae) for a 1x1 first scale.
 
         Scale s sees the accumulated map of scales < s, area-downsampled to p_s x p_s.
         """
+        self.check_tokens(tokens)
         if len(tokens) != len(self.patch_nums):
             raise ValueError(f"expected {len(self.patch_nums)} token maps, got {len(tokens)}")
         f_hats = self.tokens_to_fhats(tokens[:-1])
@@ -363,8 +405,10 @@ class MultiScaleVQVAE(nn.Module):
 
     def decode(self, f_hat: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
         """f_hat (B, Cvae, h, w) -> images (B, 3, H, W) in [-1, 1], decoded in chunks to bound memory."""
+        _check_tensor("f_hat", f_hat, 4)
         if f_hat.ndim != 4 or f_hat.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"expected f_hat (B, {self.cfg.latent_channels}, h, w), got {tuple(f_hat.shape)}")
+        integer("chunk_size", chunk_size, low=1)
         chunks = [
             self.decoder(self.post_quant_conv(part)).clamp(-1, 1) for part in f_hat.split(max(1, chunk_size))
         ]
@@ -373,8 +417,7 @@ class MultiScaleVQVAE(nn.Module):
     def reconstruct(self, images: torch.Tensor, num_scales: int | None = None) -> torch.Tensor:
         """Encode, keep the first ``num_scales`` scales, decode: the per-scale preview of a real image."""
         num_scales = len(self.patch_nums) if num_scales is None else num_scales
-        if not 1 <= num_scales <= len(self.patch_nums):
-            raise ValueError(f"num_scales must be in 1..{len(self.patch_nums)}, got {num_scales}")
+        num_scales = integer("num_scales", num_scales, 1, len(self.patch_nums))
         _, f_hats = self.quantize.quantize(self.encode_latent(images))
         return self.decode(f_hats[num_scales - 1])
 
