@@ -5,11 +5,14 @@ turn, and streams a frame per scale. What a view needs later (per-scale previews
 captured attention of sample 0) is kept in a :class:`GenerationRecord` held in ``gr.State``, so
 stepping through scales or clicking tokens never recomputes the generation.
 
-Handlers raise :class:`UserError` (shown as a message in the page) for bad input.
+Handlers raise :class:`UserError` (shown as a message in the page) for bad input. Widget values
+arrive loosely typed (an emptied Number box sends None, a slider a float, a dropdown a string), so
+every handler checks its arguments first and names the bad one and its valid range.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 import time
@@ -21,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mvar import checks
 from mvar.config import VAR_MODE, AttentionMode
-from mvar.costs import generation_cost
+from mvar.costs import dtype_bytes, generation_cost
 from mvar.sample import to_uint8
 from mvar.sampling import SamplingConfig, generate_steps, normalize_seed
 from mvar.schedule import ScaleSchedule
@@ -31,8 +35,16 @@ from . import plots
 from .analysis import AttentionStats, mass_per_key_scale, scale_grid, window_box
 from .registry import LoadedModels, ModelRegistry
 
-MAX_IMAGES = 4
+MAX_IMAGES = 4  # default limit of images per generation (generate_frames' max_images)
 CAPTURE_BUDGET_BYTES = 64 * 2**20  # per model and generation; beyond it only some layers are captured
+CFG_MAX = 100.0  # SamplingConfig's own bound
+MAX_ANALYSIS_SAMPLES = 16
+MAX_COST_BATCH = 4096  # analytic costs only: no memory is allocated, but plots need sane axes
+MAX_MEASURED_BATCH = 64  # each measured batch runs a real generation in a subprocess
+MAX_MEASUREMENTS = 8  # distinct batch sizes per request
+MAX_DISPLAYED_SIZE = 8192  # pixels of a displayed image, for clicks
+PRECISIONS = (None, torch.float32, torch.bfloat16, torch.float16)
+MEASURED_DTYPES = ("fp32", "bf16")
 
 
 class UserError(ValueError):
@@ -73,23 +85,81 @@ class GenerationRecord:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_settings(models: LoadedModels, class_name, seed, cfg, top_k, top_p, smooth, num_images):
-    if class_name not in models.class_names:
-        raise UserError(f"unknown class {class_name!r}: pick one from the list")
+def _parsed(value):
+    """A widget value with numeric strings ("3", " 0.5 ") turned into numbers; anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except (ValueError, OverflowError):
+            pass
+    return value
+
+
+def _user_errors(check, *args, **kwargs):
+    """Run a library check; its ValueError becomes a UserError with the same message."""
     try:
-        seed = normalize_seed(seed)
+        return check(*args, **kwargs)
     except ValueError as err:
         raise UserError(str(err)) from None
-    try:
-        num_images = int(num_images)
-        top_k = int(top_k)
-        sampling = SamplingConfig(cfg=float(cfg), top_k=top_k, top_p=float(top_p), smooth=bool(smooth))
-        sampling.validate(models.transformer.cfg.vocab_size)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"bad sampling setting: {err}") from None
-    if not 1 <= num_images <= MAX_IMAGES:
-        raise UserError(f"number of images must be 1..{MAX_IMAGES}, got {num_images}")
-    return models.class_names.index(class_name), seed, sampling, num_images
+
+
+def _number(name: str, value, low=None, high=None, low_open: bool = False) -> float:
+    """A finite number in range (NaN, inf, None, bools and words refused)."""
+    return _user_errors(checks.real, name, _parsed(value), low, high, low_open)
+
+
+def _integral(value):
+    """Like ``_parsed``, and a whole float (3.0: sliders and Number boxes send floats) becomes an int."""
+    value = _parsed(value)
+    if checks.is_real(value) and not checks.is_integer(value):
+        try:
+            number = float(value)
+        except OverflowError:
+            return value
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
+    return value
+
+
+def _whole(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """An integer in range; 3.0 counts as 3, 2.5 does not."""
+    return _user_errors(checks.integer, name, _integral(value), low, high)
+
+
+def _seed(value) -> int:
+    """Any integer, however large or negative, folded into the generator's range."""
+    value = _integral(value)
+    if not checks.is_integer(value):
+        raise UserError(f"seed must be an integer (any size), got {checks.shown(value)} ({type(value).__name__})")
+    return normalize_seed(int(value))
+
+
+def _record(record) -> GenerationRecord:
+    if not isinstance(record, GenerationRecord):
+        raise UserError("generate an image first")
+    return record
+
+
+def parse_settings(models: LoadedModels, class_name, seed, cfg, top_k, top_p, smooth, num_images,
+                   max_images: int = MAX_IMAGES):
+    """Widget values -> (class id, seed, SamplingConfig, number of images), or a UserError naming the bad one."""
+    max_images = checks.integer("max_images", max_images, low=1)  # the server's setting, not user input
+    if not isinstance(class_name, str) or class_name not in models.class_names:
+        raise UserError(f"unknown class {checks.shown(class_name)}: pick one of the {len(models.class_names)} "
+                        "classes in the list")
+    vocab = models.transformer.cfg.vocab_size
+    sampling = SamplingConfig(
+        cfg=_number("cfg", cfg, 0, CFG_MAX),
+        top_k=_whole("top_k", top_k, 0, vocab),
+        top_p=_number("top_p", top_p, 0, 1, low_open=True),
+        smooth=_user_errors(checks.boolean, "smooth", smooth),
+    )
+    _user_errors(sampling.validate, vocab)  # the library's own checks, should they ever be stricter
+    num_images = _whole("number of images", num_images, 1, max_images)
+    return models.class_names.index(class_name), _seed(seed), sampling, num_images
 
 
 def capture_layers_for(models: LoadedModels) -> tuple[int, ...]:
@@ -116,21 +186,34 @@ class Frame:
     record: GenerationRecord | None = None
 
 
+def load_models(registry: ModelRegistry, model_key) -> LoadedModels:
+    """The loaded models of an entry; an unknown key or a broken file is a UserError."""
+    if not isinstance(model_key, str):
+        raise UserError(f"unknown model {checks.shown(model_key)}: pick one from the list")
+    return _user_errors(registry.load, model_key)
+
+
 def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, seed, cfg, top_k, top_p, smooth,
-                    num_images, dtype: torch.dtype | None = None) -> Iterator[Frame]:
-    """Run MVAR and VAR scale by scale, alternating, and yield a frame after each scale of each."""
-    models = registry.load(model_key)
+                    num_images, dtype: torch.dtype | None = None, max_images: int = MAX_IMAGES) -> Iterator[Frame]:
+    """Run MVAR and VAR scale by scale, alternating, and yield a frame after each scale of each.
+
+    ``max_images`` bounds ``num_images`` (and the sampler's batch): the server's limit.
+    """
+    if not (dtype is None or isinstance(dtype, torch.dtype) and dtype in PRECISIONS):
+        raise UserError(f"precision must be fp32, bf16 or fp16, got {checks.shown(dtype)}")
+    models = load_models(registry, model_key)
     label, seed, sampling, num_images = parse_settings(models, class_name, seed, cfg, top_k, top_p, smooth,
-                                                       num_images)
+                                                       num_images, max_images)
     layers = capture_layers_for(models)
     patch_nums = models.transformer.cfg.patch_nums
     queries = dict.fromkeys(range(len(patch_nums)))  # every query of every scale
     streams = {
         "MVAR": generate_steps(models.transformer, models.tokenizer, [label] * num_images, seed, sampling,
                                models.mvar_mode, previews=True, dtype=dtype, capture_layers=layers,
-                               capture_queries=queries),
+                               capture_queries=queries, max_batch=max_images),
         "VAR": generate_steps(models.var_transformer, models.tokenizer, [label] * num_images, seed, sampling,
-                              VAR_MODE, previews=True, dtype=dtype, capture_layers=layers, capture_queries=queries),
+                              VAR_MODE, previews=True, dtype=dtype, capture_layers=layers, capture_queries=queries,
+                              max_batch=max_images),
     }
     runs = {name: ModelRun(mode=models.mvar_mode if name == "MVAR" else VAR_MODE) for name in streams}
     record = GenerationRecord(model_key, class_name, seed, patch_nums, layers, models.transformer.cfg.num_heads,
@@ -164,13 +247,14 @@ def scale_view(record: GenerationRecord | None, scale: int) -> tuple[np.ndarray 
     """The stored previews of one scale, for the slider: no recomputation."""
     if record is None:
         return None, None
-    scale = _check_scale(record, scale)
+    scale = _check_scale(_record(record), scale)
     return record.runs["MVAR"].previews[scale], record.runs["VAR"].previews[scale]
 
 
 def filmstrips(record: GenerationRecord | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     if record is None:
         return None, None
+    _record(record)
     return plots.filmstrip(record.runs["MVAR"].previews), plots.filmstrip(record.runs["VAR"].previews)
 
 
@@ -178,6 +262,7 @@ def save_finals(record: GenerationRecord | None) -> list[str]:
     """Write the final images as PNG files in a temp folder, for download."""
     if record is None:
         return []
+    _record(record)
     folder = Path(tempfile.mkdtemp(prefix="mvar-studio-"))
     paths = []
     safe_class = "".join(ch if ch.isalnum() else "-" for ch in record.class_name)
@@ -190,13 +275,35 @@ def save_finals(record: GenerationRecord | None) -> list[str]:
 
 
 def _check_scale(record: GenerationRecord, scale) -> int:
-    try:
-        scale = int(scale)
-    except (TypeError, ValueError):
-        raise UserError(f"scale must be an integer, got {scale!r}") from None
+    scale = _whole("scale", scale)
     if not 0 <= scale < record.num_scales:
-        raise UserError(f"scale must be in 0..{record.num_scales - 1}, got {scale}")
+        raise UserError(f"scale must be in 0..{record.num_scales - 1}, got {checks.shown(scale)}")
     return scale
+
+
+def _is_mean(choice) -> bool:
+    return isinstance(choice, str) and choice == "mean"
+
+
+def _check_layer(record: GenerationRecord, layer) -> int | str:
+    """"mean" or one of the captured layers (the dropdown sends them as strings)."""
+    if _is_mean(layer):
+        return layer
+    choices = list(record.captured_layers)
+    value = _integral(layer)
+    if checks.is_integer(value) and value in choices:
+        return int(value)
+    raise UserError(f"layer must be one of the captured layers {choices} or 'mean', got {checks.shown(layer)}")
+
+
+def _check_head(record: GenerationRecord, head) -> int | str:
+    """"mean" or a head index."""
+    if _is_mean(head):
+        return head
+    value = _integral(head)
+    if checks.is_integer(value) and 0 <= value < record.num_heads:
+        return int(value)
+    raise UserError(f"head must be in 0..{record.num_heads - 1} or 'mean', got {checks.shown(head)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,29 +329,25 @@ def _weights(run: ModelRun, scale: int, layer, head, query: int) -> torch.Tensor
         stacked = torch.stack([w[:, query].float() for w in captured.values()])  # (layers, H, Nk)
         rows = stacked.mean(0)
     else:
-        layer = int(layer)
         if layer not in captured:
             raise UserError(f"layer {layer} was not captured (captured: {sorted(captured)})")
         rows = captured[layer][:, query].float()
     if head == "mean":
         return rows.mean(0)
-    head = int(head)
     if not 0 <= head < rows.shape[0]:
         raise UserError(f"head must be in 0..{rows.shape[0] - 1}, got {head}")
     return rows[head]
 
 
 def attention_view(record: GenerationRecord | None, scale, layer, head, row, col) -> AttentionView:
-    if record is None:
-        raise UserError("generate an image first")
+    record = _record(record)
     scale = _check_scale(record, scale)
+    layer, head = _check_layer(record, layer), _check_head(record, head)
     side = record.patch_nums[scale]
-    try:
-        row, col = int(row), int(col)
-    except (TypeError, ValueError):
-        raise UserError("token row and column must be integers") from None
+    row, col = _whole("token row", row), _whole("token column", col)
     if not (0 <= row < side and 0 <= col < side):
-        raise UserError(f"token ({row}, {col}) is outside the {side}x{side} grid of scale {scale}")
+        raise UserError(f"token ({checks.shown(row)}, {checks.shown(col)}) is outside the {side}x{side} grid of "
+                        f"scale {scale}: rows and columns are 0..{side - 1}")
     query = row * side + col
     schedule_nums = record.patch_nums
     schedule = ScaleSchedule(schedule_nums)
@@ -277,11 +380,16 @@ def attention_view(record: GenerationRecord | None, scale, layer, head, row, col
 
 
 def token_from_click(record: GenerationRecord | None, scale, x: float, y: float, displayed_size: int):
-    """A click at pixel (x, y) on the overlay image -> the token (row, col) of the current scale."""
-    if record is None:
-        raise UserError("generate an image first")
+    """A click at pixel (x, y) on the overlay image -> the token (row, col) of the current scale.
+
+    A click just outside the image (its border) counts as the nearest token.
+    """
+    record = _record(record)
     scale = _check_scale(record, scale)
-    return plots.token_at(x, y, displayed_size, record.patch_nums[scale])
+    size = _whole("displayed image size", displayed_size, 1, MAX_DISPLAYED_SIZE)
+    # clamped here, before any arithmetic: a huge coordinate would overflow in numpy
+    x, y = (min(max(_number(name, v), 0.0), size - 1.0) for name, v in (("click x", x), ("click y", y)))
+    return plots.token_at(x, y, size, record.patch_nums[scale])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,12 +402,18 @@ def attention_statistics(models: LoadedModels, samples: int = 4, seed: int = 0, 
 
     Cached per loaded model and sample count.
     """
-    if not 1 <= int(samples) <= 16:
-        raise UserError(f"samples must be in 1..16, got {samples}")
-    key = ("attention-stats", int(samples), int(seed))
+    samples = _whole("samples", samples, 1, MAX_ANALYSIS_SAMPLES)
+    seed = _seed(seed)
+    _check_progress(progress)
+    key = ("attention-stats", samples, seed)
     if key not in models.cache:
-        models.cache[key] = _attention_statistics(models, int(samples), int(seed), progress)
+        models.cache[key] = _attention_statistics(models, samples, seed, progress)
     return models.cache[key]
+
+
+def _check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise UserError(f"progress must be callable or None, got {type(progress).__name__}")
 
 
 def _attention_statistics(models: LoadedModels, samples: int, seed: int, progress) -> AttentionStats:
@@ -330,6 +444,10 @@ def _attention_statistics(models: LoadedModels, samples: int, seed: int, progres
 
 def per_scale_costs(models: LoadedModels, record: GenerationRecord | None, batch: int = 1, dtype="fp32") -> dict:
     """KV-cache bytes, attention FLOPs (analytic) and latency (measured, last generation) per scale."""
+    if record is not None:
+        _record(record)
+    batch = _whole("batch", batch, 1, MAX_COST_BATCH)
+    _user_errors(dtype_bytes, dtype)
     cfg = models.transformer.cfg
     var = generation_cost(cfg, VAR_MODE, batch, True, dtype)
     mvar = generation_cost(cfg, models.mvar_mode, batch, True, dtype)
@@ -353,6 +471,8 @@ ANALYTIC_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 def analytic_memory_mib(cfg, mode: AttentionMode, batches=ANALYTIC_BATCHES, dtype="fp32") -> dict[int, float]:
     """KV cache + largest activation set (MiB) per batch: the part a measurement above the loaded weights sees."""
+    batches = _batch_sizes(batches, MAX_COST_BATCH)
+    _user_errors(dtype_bytes, dtype)
     out = {}
     for batch in batches:
         cost = generation_cost(cfg, mode, batch, True, dtype)
@@ -360,10 +480,26 @@ def analytic_memory_mib(cfg, mode: AttentionMode, batches=ANALYTIC_BATCHES, dtyp
     return out
 
 
+def _batch_sizes(batches, limit: int, count: int | None = None) -> list[int]:
+    """Distinct batch sizes in 1..limit (at most ``count`` of them), in the order given."""
+    if isinstance(batches, str | bytes) or not hasattr(batches, "__iter__"):
+        raise UserError(f"batch sizes must be a list of integers in 1..{limit}, got {checks.shown(batches)}")
+    chosen = list(dict.fromkeys(_whole("batch size", b, 1, limit) for b in batches))
+    if not chosen:
+        raise UserError("pick at least one batch size")
+    if count is not None and len(chosen) > count:
+        raise UserError(f"pick at most {count} batch sizes, got {len(chosen)}")
+    return chosen
+
+
 def measured_memory_mib(models: LoadedModels, batches, dtype: str = "fp32", progress=None) -> dict[str, dict]:
     """Peak memory above the loaded weights, measured in a fresh subprocess per (mode, batch)."""
     from mvar.memory import MemoryJob, measure
 
+    batches = _batch_sizes(batches, MAX_MEASURED_BATCH, MAX_MEASUREMENTS)
+    if not isinstance(dtype, str) or dtype not in MEASURED_DTYPES:
+        raise UserError(f"precision must be one of {list(MEASURED_DTYPES)}, got {checks.shown(dtype)}")
+    _check_progress(progress)
     random_weights = models.entry.source == "random"
     if not random_weights and (models.entry.source == "hub" or not Path(models.entry.transformer).exists()):
         raise UserError("measurements need the model files on this machine")

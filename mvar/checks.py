@@ -60,9 +60,11 @@ def real(name: str, value, low: float | None = None, high: float | None = None, 
         number = float(value)
     except OverflowError:  # an int beyond float range is out of any finite bound
         number = math.inf if value > 0 else -math.inf
-    too_low = low is not None and (number <= low if low_open else number < low)
-    if not math.isfinite(number) or too_low or (high is not None and number > high):
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number{where}, got {shown(value)}")
+    too_low = low is not None and (number <= low if low_open else number < low)
+    if too_low or (high is not None and number > high):
+        raise ValueError(f"{name} must be a number{where}, got {shown(value)}")
     return number
 
 
