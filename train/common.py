@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -47,11 +48,17 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed(timeout_seconds: int = 600) -> DistInfo:
+DEFAULT_DIST_TIMEOUT = 600.0  # seconds; the training scripts' --dist-timeout default
+_dist_state: dict = {}  # the timeout of the process group set up here, for error messages
+
+
+def setup_distributed(timeout_seconds: float = DEFAULT_DIST_TIMEOUT) -> DistInfo:
     """Initialise the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
 
-    The timeout makes the surviving ranks fail with an error when one rank dies, instead of
-    waiting forever in a collective.
+    The timeout makes the surviving ranks fail with an error when one rank dies or hangs, instead
+    of waiting forever in a collective. A rank that dies outright closes its sockets, and gloo
+    reports that at once ("Connection closed/reset by peer"); a rank that hangs (or a lost
+    machine) is only noticed when a collective has waited ``timeout_seconds``.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -65,12 +72,61 @@ def setup_distributed(timeout_seconds: int = 600) -> DistInfo:
         backend, device = "gloo", torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+    _dist_state["timeout"] = timeout_seconds
     return DistInfo(rank, world_size, local_rank, device)
+
+# What a collective that lost a peer raises: torch's Dist* errors (NCCL), or with gloo a plain
+# RuntimeError from the transport: "Connection closed by peer" / "Connection reset by peer" (the
+# peer died), "Timed out waiting ... for recv" or "Application timeout caused pair closure" (the
+# peer hung past the timeout; the latter is what the next collective on the broken pair says).
+_COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "timed out",
+                               "pair closure", "socket closed")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _COLLECTIVE_FAILURE_MARKERS)
+
+
+def exit_on_collective_failure(main):
+    """Decorate a training script's ``main``: when a collective fails because another rank died
+    or hung, exit non-zero with one readable line instead of a C++ traceback (or an abort while
+    tearing down a broken process group)."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as err:
+            if not (dist.is_initialized() and is_collective_failure(err)):
+                raise
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+            detail = " ".join(str(err).split())
+            detail = detail.split(" This is typically caused")[0][:400]  # gloo's advice follows
+            timeout = _dist_state.get("timeout")
+            timeout = f"{timeout:g} s" if timeout else "unknown"
+            lowered = detail.lower()
+            if "by peer" in lowered:
+                cause = "another rank closed its connection: it has died (killed, crashed or exited)"
+            elif "timeout" in lowered or "timed out" in lowered:
+                cause = (f"another rank did not answer within the collective timeout ({timeout}, --dist-timeout): "
+                         "it has hung, died without closing its connection, or was busy for longer than that")
+            else:
+                cause = f"another rank has probably died or hung (collective timeout {timeout}, --dist-timeout)"
+            cleanup_distributed()
+            raise SystemExit(f"error: rank {rank} of {world_size}: a collective operation failed; {cause}. "
+                             f"Check the other ranks' logs. ({type(err).__name__}: {detail})") from None
+
+    return wrapped
 
 
 def cleanup_distributed() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as err:  # a group broken by a dead rank may fail to shut down; we exit anyway
+            warnings.warn(f"destroying the process group failed: {err}", stacklevel=2)
 
 
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -243,6 +299,8 @@ def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=(
     for name in ("steps", "batch_size", "save_every", "log_every"):
         if hasattr(parsed, name) and getattr(parsed, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(parsed, name)}")
+    if hasattr(parsed, "dist_timeout") and not parsed.dist_timeout > 0:
+        parser.error(f"--dist-timeout must be a positive number of seconds, got {parsed.dist_timeout}")
     return parsed, parser
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -95,34 +97,82 @@ def file_digest(path) -> str:
 
 @torch.no_grad()
 def token_cache(tokenizer, tokenizer_path, dataset, cache_dir, split: str, batch_size: int = 128,
-                log=print, is_main: bool = True, wait_seconds: float = 24 * 3600) -> tuple[torch.Tensor, torch.Tensor]:
+                log=print, is_main: bool = True, stall_seconds: float = 600.0,
+                wait_seconds: float = 24 * 3600, poll_seconds: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """All tokens of a dataset as one (N, L) int16 tensor plus labels (N,), cached on disk.
 
     The cache file is named by the tokenizer file's digest, so a changed tokenizer never reuses
     stale tokens. Only the main rank encodes; the others wait for the file (a file wait rather
     than a collective, whose timeout is meant for dead ranks, not for a long encoding pass).
+
+    While it encodes, the main rank rewrites a heartbeat file next to the cache after every
+    batch. A waiting rank gives up with an error when the heartbeat has not changed for
+    ``stall_seconds`` (rank 0 died or hung; the training scripts pass ``--dist-timeout``), or
+    after ``wait_seconds`` in all. Staleness is judged by the heartbeat's content, seen through
+    the waiter's own clock, so clocks of other machines do not matter.
     """
     digest = file_digest(tokenizer_path)
     path = Path(cache_dir) / f"tokens-{split}-{len(dataset)}-{digest}.pt"
+    heartbeat = path.with_name(path.name + ".heartbeat")
     if not is_main:
-        deadline = time.monotonic() + wait_seconds
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"error: gave up waiting for the token cache {path} from rank 0")
-            time.sleep(2)
+        wait_for_cache(path, heartbeat, stall_seconds, wait_seconds, poll_seconds)
     if path.exists():
         cached = torch.load(path, weights_only=True)
         return cached["tokens"].long(), cached["labels"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    beat = _Heartbeat(heartbeat)
+    beat(0)
     log(f"encoding {len(dataset)} {split} images into {path.name} ...")
     tokens, labels = [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        images = torch.stack([image for image, _ in items])
-        tokens.append(torch.cat(tokenizer.encode(images), dim=1).to(torch.int16))
-        labels.extend(label for _, label in items)
-    result = {"tokens": torch.cat(tokens), "labels": torch.tensor(labels)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(result, tmp)
-    tmp.replace(path)
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+            images = torch.stack([image for image, _ in items])
+            tokens.append(torch.cat(tokenizer.encode(images), dim=1).to(torch.int16))
+            labels.extend(label for _, label in items)
+            beat(len(labels))
+        result = {"tokens": torch.cat(tokens), "labels": torch.tensor(labels)}
+        tmp = path.with_suffix(".tmp")
+        torch.save(result, tmp)
+        tmp.replace(path)
+    finally:
+        heartbeat.unlink(missing_ok=True)
     return result["tokens"].long(), result["labels"]
+
+
+class _Heartbeat:
+    """Rewrites a small file with a new counter each call (atomic replace: readers never see half a line)."""
+
+    def __init__(self, path: Path):
+        self.path, self.count = path, 0
+        self.tag = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+
+    def __call__(self, encoded: int) -> None:
+        self.count += 1
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(f"{self.tag} beat {self.count} encoded {encoded}\n")
+        tmp.replace(self.path)
+
+
+def wait_for_cache(path: Path, heartbeat: Path, stall_seconds: float, wait_seconds: float,
+                   poll_seconds: float = 1.0) -> None:
+    """Wait for rank 0 to write ``path``; raise SystemExit if its heartbeat stalls or time runs out."""
+    started = last_change = time.monotonic()
+    last_seen = None
+    while not path.exists():
+        now = time.monotonic()
+        try:
+            seen = heartbeat.read_text()
+        except OSError:
+            seen = None
+        if seen != last_seen:
+            last_seen, last_change = seen, now
+        if now - last_change > stall_seconds:
+            state = (f"its progress file {heartbeat.name} last changed {now - last_change:.0f} s ago ({seen.strip()})"
+                     if seen else f"it has not started encoding ({heartbeat.name} never appeared; on several "
+                                  "machines the cache folder must be shared, --cache-dir)")
+            raise SystemExit(f"error: gave up waiting for rank 0 to write the token cache {path}: {state}; "
+                             f"rank 0 has probably died or hung (limit {stall_seconds:g} s, --dist-timeout)")
+        if now - started > wait_seconds:
+            raise SystemExit(f"error: gave up waiting for the token cache {path} from rank 0 after {wait_seconds:g} s")
+        time.sleep(poll_seconds)

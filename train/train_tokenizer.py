@@ -24,6 +24,7 @@ from mvar.config import get_preset
 from mvar.tokenizer import MultiScaleVQVAE
 
 from .common import (
+    DEFAULT_DIST_TIMEOUT,
     EMA,
     RunFolder,
     Throughput,
@@ -33,6 +34,7 @@ from .common import (
     check_output_dir,
     cleanup_distributed,
     command_line,
+    exit_on_collective_failure,
     parse_dataclass_args,
     restore_training_state,
     rng_state,
@@ -67,6 +69,7 @@ class TokenizerTraining:
     seed: int = 0
     num_threads: int = 0  # torch threads (0 = leave torch's default)
     export: str = ""  # write the final model here in our safetensors format
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT  # seconds a collective may stall (a dead or hung rank) before exiting
 
 
 def parse_args(argv=None) -> TokenizerTraining:
@@ -140,11 +143,12 @@ def evaluate(model: MultiScaleVQVAE, dataset, count: int, batch_size: int = 64) 
             "val_psnr_per_scale": [v / seen for v in per_scale_psnr]}
 
 
+@exit_on_collective_failure
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    info = setup_distributed()
+    info = setup_distributed(args.dist_timeout)
     run = RunFolder(args.run_dir)
     if info.is_main:
         check_output_dir(run.path)

@@ -28,6 +28,7 @@ from mvar.config import AttentionMode, get_preset
 from mvar.transformer import ScaleTransformer
 
 from .common import (
+    DEFAULT_DIST_TIMEOUT,
     EMA,
     DistInfo,
     RunFolder,
@@ -38,6 +39,7 @@ from .common import (
     check_output_dir,
     cleanup_distributed,
     command_line,
+    exit_on_collective_failure,
     parse_dataclass_args,
     restore_training_state,
     rng_state,
@@ -77,6 +79,9 @@ class TransformerTraining:
     seed: int = 0
     num_threads: int = 0  # torch threads (0 = leave torch's default)
     cache_dir: str = ""  # token cache folder (default: <run-dir>/token-cache); runs may share one
+    # seconds a collective, or a rank's wait for rank 0's token cache, may stall before the rank exits
+    # with an error (a dead rank, a hung one); must exceed rank 0's evaluation and checkpoint time
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT
     export: str = ""
 
 
@@ -162,11 +167,12 @@ def split_scales(flat_tokens: torch.Tensor, schedule) -> list[torch.Tensor]:
     return [flat_tokens[:, schedule.begin(s) : schedule.end(s)] for s in range(schedule.num_scales)]
 
 
+@exit_on_collective_failure
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    info = setup_distributed()
+    info = setup_distributed(args.dist_timeout)
     run = RunFolder(args.run_dir)
     if info.is_main:
         check_output_dir(run.path)
@@ -188,8 +194,9 @@ def main(argv=None) -> None:
     val_set, _ = build_dataset(args.data, "val", tokenizer.cfg.image_size, args.val_size, args.seed, flip=False)
     cache_dir = Path(args.cache_dir) if args.cache_dir else run.path / "token-cache"
     train_tokens, train_labels = token_cache(tokenizer, args.tokenizer, train_set, cache_dir, "train",
-                                             is_main=info.is_main)
-    val_tokens, val_labels = token_cache(tokenizer, args.tokenizer, val_set, cache_dir, "val", is_main=info.is_main)
+                                             is_main=info.is_main, stall_seconds=args.dist_timeout)
+    val_tokens, val_labels = token_cache(tokenizer, args.tokenizer, val_set, cache_dir, "val", is_main=info.is_main,
+                                         stall_seconds=args.dist_timeout)
     if len(class_names) != config.num_classes:
         raise SystemExit(f"error: the data has {len(class_names)} classes, the preset {config.num_classes}")
 
