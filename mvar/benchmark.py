@@ -27,7 +27,7 @@ from .attention import resolve_backend
 from .config import AttentionMode, get_preset
 from .costs import flop_counter, generation_cost, teacher_forced_flops
 from .memory import MemoryJob, measure
-from .sampling import SamplingConfig, decode_to_unit, generate_steps
+from .sampling import SamplingConfig, decode_to_unit, generate_steps, set_precision
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
 
@@ -156,6 +156,7 @@ def run(args) -> dict:
         report.setdefault("matmul_peak_flops", {})[dtype_name] = peak
         for preset in args.presets:
             models = load_models(preset, device)
+            set_precision(models.transformer, models.tokenizer, dtype)  # weights stored in the dtype measured
             if models.random_weights:
                 report["notes"].append(f"{preset}: random weights (speed and memory do not depend on the values)")
             modes = {"VAR": AttentionMode.var(), "MVAR": AttentionMode.mvar(args.refine_step, args.kernel_size)}

@@ -133,7 +133,8 @@ def generation_cost(
         projection = depth * 2 * rows * n * (3 * c * c + c * c)
         attention = depth * 2 * 2 * rows * n * keys * c  # QK^T and AV, H heads of C/H channels
         mlp = depth * 2 * rows * n * 2 * c * m
-        adaln = depth * 2 * rows * c * 6 * c + 2 * rows * c * 2 * c
+        # AdaLN modulations depend on the labels alone: computed once, before scale 0
+        adaln = depth * 2 * rows * c * 6 * c + 2 * rows * c * 2 * c if s == 0 else 0
         embed = 2 * rows * n * cfg.latent_channels * c if s > 0 else 0
         head = 2 * rows * n * c * v
         occupied = 0 if mode.markov else 2 * depth * rows * schedule.end(s) * c * nbytes
@@ -152,9 +153,9 @@ def teacher_forced_flops(cfg: TransformerConfig, mode: AttentionMode, batch: int
     attend to the prefix of scales <= s. MVAR's forward runs its groups separately: the early
     scales jointly (each attending only to itself), each windowed scale alone.
     """
-    schedule = cfg.schedule
     _check_model(cfg, mode)
     batch = integer("batch", batch, low=1)
+    schedule = cfg.schedule
     first_scale, last_scale = schedule.check_range(first_scale, last_scale)
     boolean("windowed_as_dense", windowed_as_dense)
     c, m, v, depth = cfg.width, cfg.mlp_hidden, cfg.vocab_size, cfg.depth
@@ -164,15 +165,15 @@ def teacher_forced_flops(cfg: TransformerConfig, mode: AttentionMode, batch: int
         n = sum(schedule.tokens(s) for s in scales)
         dense = depth * 2 * batch * n * (4 * c * c + 2 * c * m) + depth * 2 * 2 * batch * pairs * c
         embed = sum(2 * batch * schedule.tokens(s) * cfg.latent_channels * c for s in scales if s > 0)
-        adaln = depth * 2 * batch * c * 6 * c + 2 * batch * c * 2 * c
-        return dense + embed + adaln + 2 * batch * logit_tokens * c * v
+        return dense + embed + 2 * batch * logit_tokens * c * v
 
+    adaln = depth * 2 * batch * c * 6 * c + 2 * batch * c * 2 * c  # once per forward, shared by its groups
     if not mode.markov:
         # block-causal, run as one prefix attention per scale: scale s meets end(s) keys
         scales = list(range(0, last_scale + 1))
         pairs = sum(schedule.tokens(s) * schedule.end(s) for s in scales)
-        return group_flops(scales, pairs, schedule.end(last_scale) - schedule.begin(first_scale))
-    total = 0
+        return adaln + group_flops(scales, pairs, schedule.end(last_scale) - schedule.begin(first_scale))
+    total = adaln
     early = [s for s in range(first_scale, last_scale + 1) if not mode.is_windowed(s)]
     if early:
         pairs = sum(schedule.tokens(s) ** 2 for s in early)  # block-diagonal, one call per scale

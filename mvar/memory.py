@@ -46,11 +46,21 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed while loading (e.g. fp32 weights cast to bf16) back to the kernel, so the
+    baseline holds only live data and generation cannot hide its peak in those freed pages."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline may keep some freed pages
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def run_job(job: MemoryJob) -> dict:
     """Run one measurement in this process (the subprocess side)."""
     from .checkpoints import load_any
     from .config import AttentionMode, get_preset
-    from .sampling import SamplingConfig, decode_to_unit, generate_steps
+    from .sampling import SamplingConfig, decode_to_unit, generate_steps, set_precision
     from .tokenizer import MultiScaleVQVAE
     from .transformer import ScaleTransformer
 
@@ -69,6 +79,7 @@ def run_job(job: MemoryJob) -> dict:
     transformer.eval().requires_grad_(False)
     mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[job.dtype]
+    set_precision(transformer, tokenizer, dtype)
     sampling = SamplingConfig(cfg=1.5 if job.cfg else 0.0, top_k=min(900, transformer.cfg.vocab_size), top_p=0.96)
     labels = [i % transformer.cfg.num_classes for i in range(job.batch)]
 
@@ -77,6 +88,7 @@ def run_job(job: MemoryJob) -> dict:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        _release_freed_memory()
         baseline = _read_status_kib("VmRSS") * 1024
         _reset_peak_rss()
     steps = list(generate_steps(transformer, tokenizer, labels, 0, sampling, mode, dtype=dtype, max_batch=4096))

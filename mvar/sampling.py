@@ -111,6 +111,34 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def set_precision(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, dtype: torch.dtype | None) -> None:
+    """Store the weights generation runs through in ``dtype`` (in place): the transformer and the decoder.
+
+    Autocast alone would recast every fp32 weight at every scale, which for a d16 model costs as
+    much time as the matmuls of the small scales. The quantiser that accumulates ``f_hat`` keeps
+    fp32. ``None`` or float32 restores full precision.
+    """
+    dtype = dtype or torch.float32
+    if dtype not in LOW_PRECISION + (torch.float32,):
+        raise ValueError(f"precision must be float32, bfloat16 or float16, got {dtype}")
+    transformer.to(dtype)
+    tokenizer.post_quant_conv.to(dtype)
+    tokenizer.decoder.to(dtype)
+
+
+def compute_dtype(transformer: ScaleTransformer, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype of a generation: the one asked for, else that of low-precision weights."""
+    stored = transformer.pos_1LC.dtype
+    if stored in LOW_PRECISION:
+        if dtype not in (None, stored):
+            raise ValueError(f"the weights are stored in {stored}, not {dtype}: call set_precision first")
+        return stored
+    return dtype
+
+
 def _check_batch(labels, seeds, num_classes: int, max_batch: int) -> tuple[list[int], list[int]]:
     labels = [int(x) for x in (labels.tolist() if torch.is_tensor(labels) else labels)]
     if not labels:
@@ -166,6 +194,7 @@ def generate_steps(
         raise ValueError(f"capture layers must be in 0..{cfg.depth - 1}, got {layers}")
 
     device = transformer.pos_1LC.device
+    dtype = compute_dtype(transformer, dtype)
     schedule = transformer.schedule
     batch = len(labels)
     guided = sampling.cfg > 0
@@ -175,8 +204,8 @@ def generate_steps(
 
     with _autocast(device, dtype):
         cond = transformer.class_condition(branch_labels)
-        compute_dtype = transformer.word_embed(codebook[:1]).dtype
-    cache = None if mode.markov else transformer.new_kv_cache(len(branch_labels), compute_dtype)
+        activation_dtype = transformer.word_embed(codebook[:1]).dtype
+    cache = None if mode.markov else transformer.new_kv_cache(len(branch_labels), activation_dtype)
     side_final = schedule.final_side
     f_hat = torch.zeros(batch, cfg.latent_channels, side_final, side_final, device=device)
     scale_input = None
@@ -196,30 +225,9 @@ def generate_steps(
             step_input = None if scale_input is None else scale_input.repeat(2 if guided else 1, 1, 1)
             x = transformer.embed_scale(scale, cond, step_input)
             plan = transformer.plan_for(mode, [scale], cached=cache is not None)
-            hidden = transformer.run_blocks(x, cond, plan, cache, capture)
-            logits = transformer.logits(hidden, cond)  # (2B or B, n, V) fp32
-
-        ratio = schedule.guidance_ratio(scale)
-        if guided:
-            strength = sampling.cfg * ratio
-            logits = (1 + strength) * logits[:batch] - strength * logits[batch:]
-        filtered = filter_logits(logits.reshape(batch * side * side, -1), sampling.top_k, sampling.top_p)
-        filtered = filtered.view(batch, side * side, -1)
-        probs = filtered.softmax(dim=-1)
-        uniforms = torch.stack([torch.rand(side * side, generator=g, device=device) for g in generators])
-        tokens = sample_tokens(probs.view(batch * side * side, -1), uniforms.view(-1)).view(batch, side * side)
-
-        if sampling.smooth:
-            # Gumbel-softmax over sharpened logits: a soft mix of code vectors (VAR's "more smooth")
-            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-            gumbels = torch.stack([
-                -torch.empty(side * side, cfg.vocab_size, device=device).exponential_(generator=g).log()
-                for g in generators
-            ])
-            weights = ((filtered * (1 + ratio) + gumbels) / tau).softmax(dim=-1)
-            embedded = weights @ codebook.float()
-        else:
-            embedded = codebook[tokens].float()
+            hidden = transformer.run_blocks(x, cond, plan, cache, capture)  # (2B or B, n, C)
+        tokens, embedded = _choose_tokens(transformer, hidden, cond, sampling, schedule.guidance_ratio(scale),
+                                          generators, codebook, dtype)
         h_small = embedded.transpose(1, 2).reshape(batch, cfg.latent_channels, side, side)
         f_hat = tokenizer.add_scale(f_hat, scale, h_small)
         if scale + 1 < schedule.num_scales:
@@ -242,7 +250,50 @@ def generate_steps(
         )
 
 
-def decode_to_unit(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+SAMPLING_CHUNK_ELEMENTS = 2**23  # (token, vocab) logits per chunk: bounds the fp32 temporaries of sampling
+
+
+def _choose_tokens(transformer: ScaleTransformer, hidden: torch.Tensor, cond, sampling: SamplingConfig,
+                   ratio: float, generators: list[torch.Generator], codebook: torch.Tensor, dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits, guidance, filtering and sampling of one scale, a few samples at a time.
+
+    hidden (2B or B, n, C) -> tokens (B, n) and their code vectors (B, n, Cvae) in fp32. Chunking
+    keeps the (samples, n, V) fp32 temporaries (logits, sorted logits, probabilities, cdf) from
+    dominating peak memory at large batches; every sample still draws from its own generator.
+    """
+    batch, guided = len(generators), sampling.cfg > 0
+    n, vocab = hidden.shape[1], transformer.cfg.vocab_size
+    chunk = max(1, SAMPLING_CHUNK_ELEMENTS // (n * vocab))
+    all_tokens, all_embedded = [], []
+    for begin in range(0, batch, chunk):
+        samples = torch.arange(begin, min(begin + chunk, batch), device=hidden.device)
+        rows = torch.cat((samples, samples + batch)) if guided else samples
+        with _autocast(hidden.device, dtype):
+            logits = transformer.logits(hidden[rows], cond.rows(rows))  # (rows, n, V) fp32
+        if guided:
+            strength = sampling.cfg * ratio
+            logits = (1 + strength) * logits[: len(samples)] - strength * logits[len(samples) :]
+        filtered = filter_logits(logits.flatten(0, 1), sampling.top_k, sampling.top_p).view(len(samples), n, vocab)
+        del logits
+        own = generators[begin : begin + len(samples)]
+        uniforms = torch.stack([torch.rand(n, generator=g, device=hidden.device) for g in own])
+        tokens = sample_tokens(filtered.softmax(dim=-1).flatten(0, 1), uniforms.flatten()).view(len(samples), n)
+        if sampling.smooth:
+            # Gumbel-softmax over sharpened logits: a soft mix of code vectors (VAR's "more smooth")
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            gumbels = torch.stack([
+                -torch.empty(n, vocab, device=hidden.device).exponential_(generator=g).log() for g in own
+            ])
+            embedded = ((filtered * (1 + ratio) + gumbels) / tau).softmax(dim=-1) @ codebook.float()
+        else:
+            embedded = codebook[tokens].float()
+        all_tokens.append(tokens)
+        all_embedded.append(embedded)
+    return torch.cat(all_tokens), torch.cat(all_embedded)
+
+
+def decode_to_unit(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """f_hat -> images (B, 3, H, W) in [0, 1], fp32."""
     return tokenizer.decode(f_hat, chunk_size=chunk_size).float().add(1).mul(0.5).clamp(0, 1)
 
@@ -256,14 +307,14 @@ def generate(
     sampling: SamplingConfig | None = None,
     mode: AttentionMode = VAR_MODE,
     dtype: torch.dtype | None = None,
-    decode_chunk: int = 8,
+    decode_chunk: int | None = None,
     max_batch: int = 64,
 ) -> Generation:
     """Generate to the end and decode once: the batch helper behind the CLI and the benchmarks."""
     started = time.perf_counter()
     steps = list(generate_steps(transformer, tokenizer, labels, seeds, sampling, mode,
                                 previews=False, dtype=dtype, max_batch=max_batch))
-    with _autocast(steps[-1].f_hat.device, dtype):
+    with _autocast(steps[-1].f_hat.device, compute_dtype(transformer, dtype)):
         images = decode_to_unit(tokenizer, steps[-1].f_hat, decode_chunk)
     return Generation(
         tokens=[s.tokens for s in steps],

@@ -194,6 +194,23 @@ def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep / (1 - p)
 
 
+@dataclass(frozen=True)
+class Condition:
+    """A batch's class embedding and the AdaLN modulations every block derives from it.
+
+    They depend on the labels alone, so generation computes them once and reuses them at every
+    scale (the AdaLN linears hold a third of the weights; rereading them per scale costs time).
+    """
+
+    embedding: torch.Tensor  # (B, C)
+    blocks: tuple[torch.Tensor, ...]  # per block (B, 1, 6, C)
+    head: torch.Tensor  # (B, 1, 2, C)
+
+    def rows(self, index: torch.Tensor) -> Condition:
+        """The condition of a subset of the batch (index: (b,) row ids)."""
+        return Condition(self.embedding[index], tuple(m[index] for m in self.blocks), self.head[index])
+
+
 class AdaLNBlock(nn.Module):
     """Attention + MLP, each modulated by the class embedding (AdaLN, LayerNorms without affine)."""
 
@@ -206,9 +223,12 @@ class AdaLNBlock(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
-    def forward(self, x, cond, plan: AttentionPlan, cache=None, capture=None) -> torch.Tensor:
-        """x (B, N, C), cond (B, C) -> (B, N, C)."""
-        modulation = self.ada_lin(cond).view(-1, 1, 6, self.width)
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond (B, C) -> (B, 1, 6, C): gammas, scales and shifts of both branches."""
+        return self.ada_lin(cond).view(-1, 1, 6, self.width)
+
+    def forward(self, x, modulation, plan: AttentionPlan, cache=None, capture=None) -> torch.Tensor:
+        """x (B, N, C), modulation (B, 1, 6, C) -> (B, N, C)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)
         h = self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, plan, cache, capture)
         x = x + _drop_path(h * gamma1, self.drop_path, self.training)
@@ -223,8 +243,12 @@ class AdaLNHeadNorm(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.width).unbind(2)
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond (B, C) -> (B, 1, 2, C)."""
+        return self.ada_lin(cond).view(-1, 1, 2, self.width)
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        scale, shift = modulation.unbind(2)
         return self.ln_wo_grad(x) * (1 + scale) + shift
 
 
@@ -307,11 +331,13 @@ class ScaleTransformer(nn.Module):
 
     # ----- embeddings --------------------------------------------------------------------------
 
-    def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels (B,) -> cond (B, C); the null class id gives the unconditional embedding."""
-        return self.class_emb(self.check_labels(labels))
+    def class_condition(self, labels: torch.Tensor) -> Condition:
+        """labels (B,) -> the batch's Condition; the null class id gives the unconditional embedding."""
+        embedding = self.class_emb(self.check_labels(labels))
+        return Condition(embedding, tuple(block.modulation(embedding) for block in self.blocks),
+                         self.head_nm.modulation(embedding))
 
-    def embed_scale(self, scale: int, cond: torch.Tensor, scale_input: torch.Tensor | None) -> torch.Tensor:
+    def embed_scale(self, scale: int, cond: Condition, scale_input: torch.Tensor | None) -> torch.Tensor:
         """Transformer input of one scale: (B, n_s, C).
 
         Scale 0 is the class embedding plus a learned start position; scale s > 0 is the
@@ -320,7 +346,7 @@ class ScaleTransformer(nn.Module):
         """
         begin, end = self.schedule.begin(scale), self.schedule.end(scale)
         if scale == 0:
-            x = cond.unsqueeze(1) + self.pos_start
+            x = cond.embedding.unsqueeze(1) + self.pos_start
         else:
             if scale_input is None or scale_input.shape[1:] != (end - begin, self.cfg.latent_channels):
                 got = None if scale_input is None else tuple(scale_input.shape)
@@ -329,14 +355,14 @@ class ScaleTransformer(nn.Module):
             x = self.word_embed(scale_input.to(self.word_embed.weight.dtype))
         return x + self.lvl_embed.weight[scale] + self.pos_1LC[:, begin:end]
 
-    def logits(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, cond: Condition) -> torch.Tensor:
         """hidden (B, N, C) -> logits (B, N, V) in fp32."""
-        return self.head(self.head_nm(hidden, cond)).float()
+        return self.head(self.head_nm(hidden, cond.head)).float()
 
-    def run_blocks(self, x, cond, plan: AttentionPlan, cache: KVCache | None = None,
+    def run_blocks(self, x, cond: Condition, plan: AttentionPlan, cache: KVCache | None = None,
                    capture: AttentionCapture | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, cond, plan, cache, capture)
+        for block, modulation in zip(self.blocks, cond.blocks, strict=True):
+            x = block(x, modulation, plan, cache, capture)
         if cache is not None:
             cache.advance()
         return x

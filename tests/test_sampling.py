@@ -129,3 +129,47 @@ def test_schedule_mismatch_between_tokenizer_and_transformer_is_refused(tiny_tra
                                             num_res_blocks=1, image_size=64, patch_nums=(1, 2, 4, 8, 16)))
     with pytest.raises(ValueError, match="does not match"):
         list(generate_steps(tiny_transformer, other, [1], mode=AttentionMode.mvar()))
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_sampling_in_chunks_gives_the_same_samples(tiny_transformer, tiny_tokenizer, monkeypatch, smooth):
+    import mvar.sampling
+
+    settings = SamplingConfig(cfg=2.0, top_k=20, top_p=0.9, smooth=smooth)
+    whole = generate(tiny_transformer, tiny_tokenizer, [1, 2, 3, 4, 5], seeds=7, sampling=settings, mode=MVAR_MODE)
+    monkeypatch.setattr(mvar.sampling, "SAMPLING_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    chunked = generate(tiny_transformer, tiny_tokenizer, [1, 2, 3, 4, 5], seeds=7, sampling=settings, mode=MVAR_MODE)
+    assert all(torch.equal(a, b) for a, b in zip(whole.tokens, chunked.tokens, strict=True))
+    torch.testing.assert_close(whole.images, chunked.images)
+
+
+@pytest.mark.parametrize("mode", [VAR_MODE, MVAR_MODE], ids=["var", "mvar"])
+def test_bf16_weights_match_bf16_autocast(tiny_preset, tiny_tokenizer, mode):
+    """set_precision stores the weights autocast would produce, so generation barely changes."""
+    import copy
+
+    from mvar.sampling import set_precision
+    from mvar.transformer import ScaleTransformer
+    from tests.conftest import scramble
+
+    transformer = scramble(ScaleTransformer(tiny_preset.transformer), seed=4).eval()
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    autocast = generate(transformer, tokenizer, [1, 2], seeds=3, sampling=SETTINGS, mode=mode, dtype=torch.bfloat16)
+    set_precision(transformer, tokenizer, torch.bfloat16)
+    assert transformer.head.weight.dtype == tokenizer.decoder.conv_out.weight.dtype == torch.bfloat16
+    assert tokenizer.quantize.embedding.weight.dtype == torch.float32  # f_hat accumulates in fp32
+    stored = generate(transformer, tokenizer, [1, 2], seeds=3, sampling=SETTINGS, mode=mode)  # dtype from weights
+    agree = torch.cat([(a == b).flatten() for a, b in zip(autocast.tokens, stored.tokens, strict=True)])
+    assert agree.float().mean() > 0.9
+    assert stored.images.dtype == torch.float32 and stored.images.min() >= 0 and stored.images.max() <= 1
+    with pytest.raises(ValueError, match="stored in torch.bfloat16"):
+        generate(transformer, tokenizer, [1], sampling=SETTINGS, mode=mode, dtype=torch.float16)
+    set_precision(transformer, tokenizer, None)
+    assert transformer.head.weight.dtype == torch.float32
+
+
+def test_decode_picks_its_chunk_from_the_image_size(tiny_tokenizer):
+    f_hat = torch.randn(5, tiny_tokenizer.cfg.latent_channels, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_tokenizer.decode(f_hat), tiny_tokenizer.decode(f_hat, chunk_size=1),
+                                   atol=1e-5, rtol=1e-5)
