@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mvar.checkpoints import OFFICIAL_FILES, download_official, load_any, official_file_path
+from mvar.checkpoints import OFFICIAL_FILES, CheckpointError, download_official, load_any, official_file_path
 from mvar.config import AttentionMode, get_preset
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
@@ -129,30 +129,51 @@ class ModelRegistry:
 
     # ----- loading -----------------------------------------------------------------------------
 
-    def load(self, key: str, device: str = "cpu") -> LoadedModels:
-        """Load (or return the already loaded) models of an entry; least recently used are evicted."""
+    def load(self, key: str, device: str = "cpu", progress=None) -> LoadedModels:
+        """Load (or return the already loaded) models of an entry; least recently used are evicted.
+
+        A hub entry downloads its missing files first (once: later loads use the files). ``progress``,
+        if given, is called as ``progress(fraction, desc=text)``, like Gradio's ``gr.Progress``, with
+        the bytes downloaded and the loading steps.
+        """
+        report = progress if progress is not None else _no_progress
         with self._lock:
             if key in self._loaded:
                 loaded = self._loaded.pop(key)
                 self._loaded[key] = loaded  # most recently used last
+                report(1.0, desc=f"{key} is loaded")
                 return loaded
             entry = self.entry(key)
-            loaded = self._load_entry(entry, device)
+            loaded = self._load_entry(entry, device, report)
             self._loaded[key] = loaded
             while len(self._loaded) > self.max_loaded:
                 self._loaded.pop(next(iter(self._loaded)))
+            report(1.0, desc=f"loaded {entry.label}")
             return loaded
 
-    def _resolve(self, entry: ModelEntry) -> tuple[str, str]:
+    def _resolve(self, entry: ModelEntry, report) -> tuple[str, str]:
+        """The entry's (tokenizer, transformer) files; a hub entry's missing ones are downloaded,
+        taking progress 0..0.9 (the loading takes the rest)."""
         if entry.source != "hub":
             return entry.tokenizer, entry.transformer
-        return (str(download_official("vae", self.models_dir)), str(download_official(entry.transformer,
-                                                                                      self.models_dir)))
+        names = [entry.tokenizer, entry.transformer]
+        paths = []
+        for i, name in enumerate(names):
+            def scaled(fraction, desc="", i=i):
+                report(0.9 * (i + fraction) / len(names), desc=f"{desc} (file {i + 1} of {len(names)})")
 
-    def _load_entry(self, entry: ModelEntry, device: str) -> LoadedModels:
+            try:
+                paths.append(str(download_official(name, self.models_dir, progress=scaled)))
+            except CheckpointError as err:
+                raise CheckpointError(err.path, f"needed by the model {entry.key!r}: {err.problem}") from None
+        return paths[0], paths[1]
+
+    def _load_entry(self, entry: ModelEntry, device: str, report=None) -> LoadedModels:
+        report = report or _no_progress
         if entry.source == "random":
             return self._random_models(entry, device)
-        tokenizer_path, transformer_path = self._resolve(entry)
+        tokenizer_path, transformer_path = self._resolve(entry, report)
+        report(0.9, desc=f"loading {entry.label}")
         tokenizer = load_any(tokenizer_path, "tokenizer", device=device).model.eval().requires_grad_(False)
         mvar = load_any(transformer_path, "transformer", device=device)
         transformer = mvar.model.eval().requires_grad_(False)
@@ -180,6 +201,10 @@ class ModelRegistry:
         names = [f"class {i}" for i in range(preset.transformer.num_classes)]
         sampling = {**VAR_SAMPLING, "top_k": min(VAR_SAMPLING["top_k"], preset.transformer.vocab_size)}
         return LoadedModels(entry, tokenizer, transformer, transformer, names, sampling, AttentionMode.mvar())
+
+
+def _no_progress(fraction, desc=""):
+    pass
 
 
 def _hub_available() -> bool:

@@ -11,9 +11,11 @@ Every error is a :class:`CheckpointError` (a ``ValueError``) that names the file
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -344,8 +346,15 @@ def official_file_path(name: str, models_dir) -> Path:
     return Path(models_dir) / OFFICIAL_FILES[name][1]
 
 
-def download_official(name: str, models_dir) -> Path:
-    """Fetch an official file into ``models_dir`` (or return it if it is already there)."""
+def download_official(name: str, models_dir, progress=None) -> Path:
+    """Fetch an official file into ``models_dir`` (or return it if it is already there).
+
+    ``progress``, if given, is called as ``progress(fraction, desc=text)`` (the calling convention
+    of Gradio's ``gr.Progress``) when the download starts and as bytes arrive. A failed or
+    interrupted download leaves no file at the target path, so a later run never mistakes half a
+    file for a model (huggingface_hub keeps its own resumable partial download under
+    ``models_dir/.cache/huggingface``).
+    """
     target = official_file_path(name, models_dir)
     if target.exists():
         return target
@@ -354,14 +363,64 @@ def download_official(name: str, models_dir) -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise CheckpointError(
-            target, f"not found. Install huggingface_hub to download it, or put {filename} from the "
-                    f"hub repo {repo} at this path") from None
+            target, f"official file {name!r} not found. Install huggingface_hub to download it, or put "
+                    f"{filename} from the hub repo {repo} at this path") from None
+    kwargs = {}
+    if progress is not None:
+        desc = f"downloading {name} ({filename} from {repo})"
+        progress(0.0, desc=desc)
+        if _accepts_keyword(hf_hub_download, "tqdm_class"):
+            kwargs["tqdm_class"] = _reporting_tqdm(progress, desc)
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=str(models_dir)))
-    except Exception as err:  # network errors come in many types; report them all the same way
+        Path(models_dir).mkdir(parents=True, exist_ok=True)
+        got = Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=str(models_dir), **kwargs))
+        if not target.exists() and got.is_file():  # a hub client that answered with a path elsewhere
+            _atomic_write(target, lambda tmp: shutil.copyfile(got, tmp))
+        if not target.exists():
+            raise FileNotFoundError(f"the hub client returned {got}, but nothing was written at the target")
+    except BaseException as err:  # Ctrl-C included: never leave half a file where a model is expected
+        target.unlink(missing_ok=True)  # it did not exist before: whatever is there now is ours
+        if not isinstance(err, Exception):
+            raise
         raise CheckpointError(
-            target, f"download from {repo} failed ({type(err).__name__}: {err}); "
-                    f"put {filename} at this path by hand") from None
+            target, f"download of the official file {name!r} ({filename} from the hub repo {repo}) failed "
+                    f"({type(err).__name__}: {err}); put {filename} at this path by hand") from None
+    if progress is not None:
+        progress(1.0, desc=f"downloaded {name}")
+    return target
+
+
+def _accepts_keyword(function, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _reporting_tqdm(progress, desc: str):
+    """A tqdm class for huggingface_hub's ``tqdm_class`` that also reports bytes to ``progress``.
+
+    It counts bytes itself: a bar that huggingface_hub disables (no terminal) does not count."""
+    try:
+        from huggingface_hub.utils import tqdm as base  # keeps the hub's own disable switches
+    except ImportError:
+        from tqdm import tqdm as base
+
+    class ReportingTqdm(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.reported_bytes = kwargs.get("initial") or 0
+
+        def update(self, n=1):
+            self.reported_bytes += n or 0
+            total = getattr(self, "total", None)
+            if total:
+                progress(min(1.0, self.reported_bytes / total),
+                         desc=f"{desc}: {self.reported_bytes / 2**20:.0f} of {total / 2**20:.0f} MiB")
+            return super().update(n)
+
+    return ReportingTqdm
 
 
 def main(argv=None) -> None:
