@@ -105,7 +105,7 @@ def test_sampler_gives_valid_images_or_a_clear_value_error(tiny_transformer, tin
         assert int(tokens.min()) >= 0 and int(tokens.max()) < VOCAB
 
 
-@settings(SLOW, max_examples=12)
+@settings(SLOW, max_examples=10)
 @given(seed=st.one_of(st.integers(-(2**80), 2**80), huge_ints), label=st.integers(0, NUM_CLASSES),
        markov=st.booleans(), smooth=st.booleans())
 def test_any_integer_seed_gives_the_same_images_as_its_folded_seed(tiny_transformer, tiny_tokenizer, seed, label,
@@ -120,7 +120,7 @@ def test_any_integer_seed_gives_the_same_images_as_its_folded_seed(tiny_transfor
     assert torch.equal(raw.images, same.images)
 
 
-@settings(SLOW, max_examples=12)
+@settings(SLOW, max_examples=10)
 @given(data=st.data(), markov=st.booleans(), cfg=st.sampled_from([0.0, 2.0]), smooth=st.booleans(),
        base_seed=st.booleans())
 def test_a_sample_in_a_batch_equals_the_same_sample_alone(tiny_transformer, tiny_tokenizer, data, markov, cfg,
@@ -276,7 +276,7 @@ WILD_SETTINGS = dict(
 )
 
 
-@settings(SLOW, max_examples=15)
+@settings(SLOW, max_examples=12)
 @given(data=st.data())
 def test_generate_frames_streams_valid_frames_or_raises_a_user_error(registry, data):
     wild = data.draw(st.sets(st.sampled_from(sorted(WILD_SETTINGS)), max_size=3), label="wild fields")
@@ -376,7 +376,7 @@ def test_token_from_click_gives_a_cell_of_the_grid_or_a_user_error(record, scale
 
 
 @settings(BASE, max_examples=12)
-@given(samples=st.sampled_from([0, 1, "1", 2.0, 17, -1, 1.5, None, math.nan, math.inf, True, 10**30]),
+@given(samples=st.sampled_from([0, 1, "1", 1.0, 17, -1, 1.5, None, math.nan, math.inf, True, 10**30]),
        seed=st.one_of(st.sampled_from([0, -1, 2**63 - 1, 2**64]), junk))
 def test_attention_statistics_gives_statistics_or_a_user_error(registry, samples, seed):
     models = registry.load("tiny")
