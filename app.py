@@ -5,6 +5,12 @@
     python app.py --tokenizer T --transformer M [--var-transformer V]   # explicit files
 
 Host and port follow GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (and PORT), as on Hugging Face Spaces.
+
+Load limits: at most --concurrency model runs at once (MVAR_CONCURRENCY, default 2), at most --queue-size
+requests waiting behind them (MVAR_QUEUE_SIZE, default 16; more are refused with Gradio's "busy" message),
+a generation is stopped after --time-limit seconds (MVAR_TIME_LIMIT, default 300), and the generations kept
+for the views (scale slider, attention) of all sessions together stay within --keep-mib (MVAR_KEEP_MIB, default
+1024; least recently used first out, and a session's own when its page closes).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from app.layout import build_app
+from app.layout import DEFAULT_KEEP_MIB, DEFAULT_TIME_LIMIT, build_app
 from app.registry import ModelEntry, ModelRegistry
 
 
@@ -28,9 +34,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int,
                         default=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))))
-    parser.add_argument("--queue-size", type=int, default=int(os.environ.get("MVAR_QUEUE_SIZE", "16")))
-    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("MVAR_CONCURRENCY", "2")))
-    return parser.parse_args(argv)
+    parser.add_argument("--queue-size", type=int, default=int(os.environ.get("MVAR_QUEUE_SIZE", "16")),
+                        help="requests that may wait for a free slot; more are refused as busy (default 16)")
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("MVAR_CONCURRENCY", "2")),
+                        help="generations (and analyses, memory measurements) running at once (default 2)")
+    parser.add_argument("--time-limit", type=float,
+                        default=float(os.environ.get("MVAR_TIME_LIMIT", str(DEFAULT_TIME_LIMIT))),
+                        help=f"seconds a generation may take before it is stopped (default {DEFAULT_TIME_LIMIT:g})")
+    parser.add_argument("--keep-mib", type=float, default=float(os.environ.get("MVAR_KEEP_MIB", DEFAULT_KEEP_MIB)),
+                        help="memory (MiB) for past generations kept for the scale slider and attention views, "
+                             f"all sessions together (default {DEFAULT_KEEP_MIB})")
+    args = parser.parse_args(argv)
+    if args.queue_size < 1:
+        parser.error(f"--queue-size must be at least 1, got {args.queue_size}")
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
+    if not args.time_limit > 0:
+        parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
+    if not args.keep_mib >= 0:
+        parser.error(f"--keep-mib must be >= 0, got {args.keep_mib}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -42,7 +65,7 @@ def main(argv=None) -> None:
         extra.append(ModelEntry("custom", f"{os.path.basename(args.transformer)} (command line)", "local",
                                 args.tokenizer, args.transformer, args.var_transformer))
     registry = ModelRegistry(args.models_dir, allow_download=args.download, extra=extra)
-    demo = build_app(registry)
+    demo = build_app(registry, time_limit=args.time_limit, keep_mib=args.keep_mib)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port)
 

@@ -1,14 +1,28 @@
 """The page: one ``gr.Blocks`` layout wiring widgets to the handlers in ``handlers.py``.
 
 Every event goes through a wrapper that turns ``UserError`` and other failures into a readable
-``gr.Error`` message in the page, so the app stays up whatever a user sends.
+``gr.Error`` message in the page, so the app stays up whatever a user sends. Streaming (generator)
+handlers also get a time limit: checked each time they produce a frame, and past it the handler is
+closed (no work continues) and the user gets a message.
+
+Load is bounded by Gradio's queue (``demo.queue(max_size=..., default_concurrency_limit=...)`` in
+``app.py``): generation, analysis and memory measurement share the "generate" concurrency group, and a
+request that finds the queue full is refused by Gradio before any work starts (HTTP 503: the page says "This
+application is currently busy. Please try again.", gradio_client raises ``QueueError("Queue is full!
+Please try again.")``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import inspect
 import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
 
 import gradio as gr
 import torch
@@ -16,19 +30,28 @@ import torch
 from mvar.config import MVAR_MODE, PRESETS, VAR_MODE
 
 from . import handlers, plots
-from .handlers import UserError
+from .handlers import GenerationRecord, UserError
 from .registry import ModelRegistry
 
 log = logging.getLogger("mvar_studio")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 OVERLAY_SIZE = 384
 DISPLAY_SIZE = 320
+DEFAULT_TIME_LIMIT = 300.0  # seconds per request, for streaming handlers
+DEFAULT_KEEP_MIB = 1024  # memory for the generations kept for the views, all sessions together
 
 
-def readable_errors(fn):
-    """Run a handler; show problems as messages instead of tracebacks."""
+def readable_errors(fn, time_limit: float | None = None):
+    """Run a handler; show problems as messages instead of tracebacks.
+
+    For a generator handler, ``time_limit`` (seconds, None = none) bounds the whole request: the clock
+    is read each time the handler produces a frame, and past the limit the frame is dropped, the
+    handler is closed (its ``finally`` blocks run, no more work is done) and a ``gr.Error`` says why.
+    """
 
     def report(err: Exception):
+        if isinstance(err, gr.Error):
+            return err
         if isinstance(err, UserError):
             return gr.Error(str(err))
         if isinstance(err, torch.OutOfMemoryError | MemoryError):
@@ -41,10 +64,23 @@ def readable_errors(fn):
     if _is_generator(fn):
         @functools.wraps(fn)
         def wrapped_gen(*args, **kwargs):
+            started = time.monotonic()
+            frames = fn(*args, **kwargs)
             try:
-                yield from fn(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
-                raise report(err) from None
+                while True:
+                    try:
+                        frame = next(frames)
+                    except StopIteration:
+                        return
+                    except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
+                        raise report(err) from None
+                    if time_limit is not None and time.monotonic() - started > time_limit:
+                        log.warning("handler %s stopped at the %g s time limit", fn.__name__, time_limit)
+                        raise gr.Error(f"this request took longer than the {time_limit:g} s limit and was "
+                                       "stopped; try fewer images (or bf16)")
+                    yield frame
+            finally:
+                frames.close()  # also when Gradio closes us (the user left or cancelled)
         return wrapped_gen
 
     @functools.wraps(fn)
@@ -56,6 +92,92 @@ def readable_errors(fn):
     return wrapped
 
 
+def record_bytes(record: GenerationRecord) -> int:
+    """Memory held by a generation record: its previews, final images and captured attention."""
+    total = 0
+    for run in record.runs.values():
+        total += sum(image.nbytes for image in run.previews) + sum(image.nbytes for image in run.finals)
+        total += sum(weights.nbytes for scale in run.attention for weights in scale.values())
+    return total
+
+
+class GenerationStore:
+    """The generations kept for the views (scale slider, attention tab, per-scale latency), in a memory budget.
+
+    The page holds only a token (in ``gr.State``); the record stays here. Each session keeps one record
+    (a new generation replaces its last one); past ``budget_bytes`` the least recently used records go
+    (the newest is always kept); a session's record goes when its page closes (Gradio's unload event,
+    ~15 s after a tab or client disconnects). Left in ``gr.State``, records (up to
+    2 x ``handlers.CAPTURE_BUDGET_BYTES`` of attention each) would stay for an hour after the tab
+    closes, for up to 10,000 sessions.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._records: OrderedDict[str, tuple[str | None, GenerationRecord, int]] = OrderedDict()
+        self._latest: dict[str, str] = {}  # session -> its token
+        self._lock = threading.Lock()
+
+    def put(self, session: str | None, record: GenerationRecord) -> str:
+        token = uuid.uuid4().hex
+        size = record_bytes(record)
+        with self._lock:
+            if session is not None:
+                self._records.pop(self._latest.pop(session, ""), None)
+                self._latest[session] = token
+            self._records[token] = (session, record, size)
+            while self.nbytes > self.budget_bytes and len(self._records) > 1:
+                self._forget(next(iter(self._records)))
+        return token
+
+    def get(self, token: str | None) -> GenerationRecord | None:
+        """The record behind a token; None for no token; a message if it was dropped."""
+        if token is None:
+            return None
+        with self._lock:
+            if token not in self._records:
+                raise UserError("this generation is no longer kept on the server (memory budget, or the page "
+                                "was closed): generate again")
+            self._records.move_to_end(token)
+            return self._records[token][1]
+
+    def drop_session(self, session: str | None) -> None:
+        with self._lock:
+            token = self._latest.get(session)
+            if token is not None:
+                self._forget(token)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, _, size in self._records.values())
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _forget(self, token: str) -> None:
+        session, _, _ = self._records.pop(token)
+        if self._latest.get(session) == token:
+            del self._latest[session]
+
+
+def _load_libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+def return_free_memory() -> None:
+    """Hand memory freed by a finished generation back to the system (glibc keeps it otherwise)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def display(image):
     """Previews are tiny (64 px for the default models): show them enlarged, with crisp pixels."""
     return None if image is None else plots.upscale(image, max(DISPLAY_SIZE, image.shape[0]))
@@ -65,14 +187,22 @@ def _is_generator(fn) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
-def build_app(registry: ModelRegistry) -> gr.Blocks:
+def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_LIMIT,
+              keep_mib: float = DEFAULT_KEEP_MIB) -> gr.Blocks:
+    """The page. ``time_limit``: seconds a generation may run (None = no limit); ``keep_mib``: memory for
+    the generations kept for the views, all sessions together (see :class:`GenerationStore`)."""
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be positive seconds or None, got {time_limit!r}")
+    if not keep_mib >= 0:
+        raise ValueError(f"keep_mib must be >= 0, got {keep_mib!r}")
+    store = GenerationStore(int(keep_mib * 2**20))
     entries = registry.entries()
     if not entries:
         raise SystemExit("error: no models available (assets/ is empty and no --models-dir files were found)")
     first = registry.load(entries[0].key)
 
     with gr.Blocks(title="MVAR Studio") as demo:
-        record = gr.State(None)
+        record = gr.State(None)  # a GenerationStore token
         gr.Markdown("# MVAR Studio\nNext-scale generation with **MVAR** (scale- and spatial-Markov attention) "
                     "next to its **VAR** baseline: same class, same seeds, one scale at a time.")
         with gr.Row():
@@ -160,35 +290,44 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
         model.change(readable_errors(on_model), model, [class_name, baseline_note, cfg, top_k, top_p])
         dice.click(handlers.random_seed, None, seed)
 
-        def on_generate(key, cls, seed_value, cfg_value, k, p, smooth_value, count, dtype_name):
-            for frame in handlers.generate_frames(registry, key, cls, seed_value, cfg_value, k, p, smooth_value,
-                                                  count, DTYPES.get(dtype_name)):
-                shown = (display(frame.mvar_image), display(frame.var_image))
-                if frame.record is None:
-                    yield *shown, frame.status, gr.skip(), gr.skip(), gr.skip(), \
-                        gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                else:
-                    strips = handlers.filmstrips(frame.record)
-                    layers = ["mean"] + [str(i) for i in frame.record.captured_layers]
-                    heads = ["mean"] + [str(i) for i in range(frame.record.num_heads)]
-                    yield (*shown, frame.status, frame.record, strips[0], strips[1],
-                           handlers.save_finals(frame.record), frame.record.num_scales - 1,
-                           gr.update(choices=layers, value="mean"), gr.update(choices=heads, value="mean"))
+        def on_generate(key, cls, seed_value, cfg_value, k, p, smooth_value, count, dtype_name,
+                        request: gr.Request):
+            frames = handlers.generate_frames(registry, key, cls, seed_value, cfg_value, k, p, smooth_value,
+                                              count, DTYPES.get(dtype_name))
+            try:
+                for frame in frames:
+                    shown = (display(frame.mvar_image), display(frame.var_image))
+                    if frame.record is None:
+                        yield *shown, frame.status, gr.skip(), gr.skip(), gr.skip(), \
+                            gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    else:
+                        rec = frame.record
+                        strips = handlers.filmstrips(rec)
+                        layers = ["mean"] + [str(i) for i in rec.captured_layers]
+                        heads = ["mean"] + [str(i) for i in range(rec.num_heads)]
+                        token = store.put(request.session_hash if request else None, rec)
+                        yield (*shown, frame.status, token, strips[0], strips[1],
+                               handlers.save_finals(rec), rec.num_scales - 1,
+                               gr.update(choices=layers, value="mean"), gr.update(choices=heads, value="mean"))
+            finally:
+                frames.close()
+                return_free_memory()
 
-        run.click(readable_errors(on_generate),
+        # concurrency: the queue's default_concurrency_limit (--concurrency), shared with analysis and memory
+        run.click(readable_errors(on_generate, time_limit),
                   [model, class_name, seed, cfg, top_k, top_p, smooth, num_images, precision],
                   [mvar_image, var_image, status, record, mvar_strip, var_strip, downloads, scale, layer, head],
-                  concurrency_limit=2, concurrency_id="generate", api_name="generate")
+                  concurrency_id="generate", api_name="generate")
 
-        def on_scale(rec, s):
-            return tuple(display(image) for image in handlers.scale_view(rec, s))
+        def on_scale(token, s):
+            return tuple(display(image) for image in handlers.scale_view(store.get(token), s))
 
         scale.change(readable_errors(on_scale), [record, scale], [mvar_image, var_image])
 
-        def on_attention(rec, s, lay, hd, r, c):
-            if rec is None:
+        def on_attention(token, s, lay, hd, r, c):
+            if token is None:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            view = handlers.attention_view(rec, s, lay, hd, r, c)
+            view = handlers.attention_view(store.get(token), s, lay, hd, r, c)
             return (view.mvar_overlay, view.var_heatmaps,
                     view.var_mass, view.masks[0], view.masks[1], view.masks[2], view.caption)
 
@@ -198,8 +337,8 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
             trigger(readable_errors(on_attention), attention_inputs, attention_outputs)
         record.change(readable_errors(on_attention), attention_inputs, attention_outputs)
 
-        def on_click(rec, s, evt: gr.SelectData):
-            row, col = handlers.token_from_click(rec, s, evt.index[0], evt.index[1], OVERLAY_SIZE)
+        def on_click(token, s, evt: gr.SelectData):
+            row, col = handlers.token_from_click(store.get(token), s, evt.index[0], evt.index[1], OVERLAY_SIZE)
             return row, col
 
         overlay.select(readable_errors(on_click), [record, scale], [token_row, token_col]).then(
@@ -215,8 +354,12 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
         analyse.click(readable_errors(on_analyse), [model, samples], [distance_plot, window_plot],
                       concurrency_id="generate")
 
-        def on_costs(key, rec):
+        def on_costs(key, token):
             models = registry.load(key)
+            try:
+                rec = store.get(token)
+            except UserError:
+                rec = None  # dropped: the analytic costs without the measured latency
             costs = handlers.per_scale_costs(models, rec)
             latency = costs.get("latency_ms")
             return (plots.per_scale_bars(costs["kv_cache_mib"], "KV cache after each scale (analytic)", "MiB"),
@@ -245,4 +388,11 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                              [memory_plot, presets_plot], concurrency_id="generate")
 
         costs_button.click(readable_errors(on_costs), [model, record], [kv_plot, flops_plot, latency_plot])
+
+        def on_close(request: gr.Request):
+            store.drop_session(request.session_hash)
+            return_free_memory()
+
+        demo.unload(on_close)
+    demo.generation_store = store  # for tests and diagnostics
     return demo

@@ -1,13 +1,34 @@
-"""The app as people and programs meet it: a real server on loopback, gradio_client and a headless browser."""
+"""The app as people and programs meet it: a real server on loopback, gradio_client and a headless browser.
+
+Also its limits: a full queue refuses politely, a generation past the time limit is stopped, and what
+the app keeps per session stays within its budget.
+"""
 
 import shutil
+import time
 from pathlib import Path
 
+import gradio as gr
+import numpy as np
 import pytest
+import torch
+
+from app.handlers import GenerationRecord, ModelRun, UserError
+from app.layout import GenerationStore, readable_errors, record_bytes
+from mvar.config import VAR_MODE
 
 from .app_server import AppServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic"]
+BUSY_PAGE = "This application is currently busy"  # what Gradio's page says when the queue refuses a request
+BUSY_CLIENT = "Queue is full! Please try again."  # what gradio_client raises (QueueError) then
+
+
+def generate_args(seed: int = 1, images: int = 1, class_name: str = "class-1") -> tuple:
+    # model, class, seed, cfg, top-k, top-p, Gumbel smoothing, images, precision
+    return "custom", class_name, seed, 1.0, 10, 0.95, False, images, "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +74,7 @@ def test_browser_generate_step_click_and_charts(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(server.url)
         page.get_by_role("button", name="Generate").click()
@@ -89,3 +107,187 @@ def test_browser_generate_step_click_and_charts(server, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
         browser.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full queue: --queue-size 1 --concurrency 1, so one generation running and one waiting fill it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory):
+    app = AppServer(tmp_path_factory.mktemp("busy"), ["--queue-size", "1", "--concurrency", "1"])
+    yield app
+    app.stop()
+
+
+def wait_for(condition, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def fill_queue(url: str):
+    """Start a slow generation and queue a second one behind it: the queue (size 1) is then full."""
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    holders = [Client(url, verbose=False) for _ in range(2)]
+    running = holders[0].submit(*generate_args(seed=5, images=4), api_name="/generate")
+    wait_for(lambda: running.status().code in (Status.PROCESSING, Status.ITERATING, Status.PROGRESS),
+             what="the first generation to start")
+    waiting = holders[1].submit(*generate_args(seed=6, images=4), api_name="/generate")
+    wait_for(lambda: waiting.status().code == Status.IN_QUEUE, what="the second generation to wait in the queue")
+    return holders, [running, waiting]
+
+
+def test_full_queue_refuses_extra_requests_with_a_busy_message(busy_server):
+    from gradio_client import Client
+    from gradio_client.utils import QueueError
+
+    extra_clients = [Client(busy_server.url, verbose=False) for _ in range(3)]  # ready before the queue fills
+    holders, held = fill_queue(busy_server.url)
+    extra = [client.submit(*generate_args(seed=10 + i), api_name="/generate") for i, client in enumerate(extra_clients)]
+    for job in extra:
+        with pytest.raises(QueueError, match="Queue is full"):
+            job.result(timeout=60)
+    for job in held:  # the accepted ones are served
+        assert job.result(timeout=180)[2].startswith("done")
+    assert busy_server.process.poll() is None
+    # the server is free again: a new request goes through
+    assert extra_clients[0].predict(*generate_args(seed=20), api_name="/generate")[2].startswith("done")
+    for client in extra_clients + holders:
+        client.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_full_queue_shows_busy_in_the_page(busy_server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(busy_server.url)
+        page.get_by_role("button", name="Generate").wait_for()
+        holders, held = fill_queue(busy_server.url)
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text(BUSY_PAGE).first.wait_for(timeout=30_000)
+        for job in held:
+            job.result(timeout=180)
+        for client in holders:
+            client.close()
+        # once the queue has room, the same page generates
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("done:").wait_for(timeout=120_000)
+        browser.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The time limit
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    app = AppServer(tmp_path_factory.mktemp("limited"), ["--time-limit", "0.2"])
+    yield app
+    app.stop()
+
+
+def test_generation_past_the_time_limit_is_stopped_with_a_message(limited_server):
+    from gradio_client import Client
+
+    client = Client(limited_server.url, verbose=False)
+    for seed in (1, 2):  # and the server keeps serving
+        with pytest.raises(Exception, match=r"took longer than the 0\.2 s limit"):
+            client.predict(*generate_args(seed=seed), api_name="/generate")
+    client.close()
+    assert limited_server.process.poll() is None
+    log = Path(limited_server.log.name).read_text()
+    assert "stopped at the 0.2 s time limit" in log
+
+
+def test_time_limit_closes_the_handler_between_frames():
+    produced, closed = [], []
+
+    def slow_frames():
+        try:
+            for i in range(100):
+                time.sleep(0.05)
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    wrapped = readable_errors(slow_frames, time_limit=0.2)
+    received = []
+    with pytest.raises(gr.Error, match="took longer than the 0.2 s limit"):
+        for frame in wrapped():
+            received.append(frame)
+    assert closed == [True]  # the handler's own cleanup ran
+    assert 2 <= len(received) <= 4 and len(produced) == len(received) + 1  # the late frame was dropped
+    time.sleep(0.2)
+    assert len(produced) == len(received) + 1  # and nothing ran after the stop
+
+
+def test_closing_the_wrapper_closes_the_handler():
+    closed = []
+
+    def frames():
+        try:
+            yield from range(10)
+        finally:
+            closed.append(True)
+
+    gen = readable_errors(frames, time_limit=60)()
+    assert next(gen) == 0
+    gen.close()  # what Gradio does when the user cancels or leaves
+    assert closed == [True]
+
+
+def test_no_time_limit_and_errors_still_become_messages():
+    def frames():
+        yield 1
+        raise UserError("bad class")
+
+    wrapped = readable_errors(frames)
+    gen = wrapped()
+    assert next(gen) == 1
+    with pytest.raises(gr.Error, match="bad class"):
+        next(gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the app keeps per session
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_record(seed: int, attention_bytes: int) -> GenerationRecord:
+    run = ModelRun(mode=VAR_MODE, previews=[np.zeros((4, 4, 3), np.uint8)],
+                   attention=[{0: torch.zeros(attention_bytes // 2, dtype=torch.float16)}])
+    return GenerationRecord("m", "c", seed, (1,), (0,), 1, 3, 1, {"MVAR": run, "VAR": ModelRun(mode=VAR_MODE)})
+
+
+def test_generation_store_keeps_one_record_per_session_within_its_budget():
+    assert record_bytes(fake_record(0, 1000)) == 1000 + 48
+    store = GenerationStore(budget_bytes=3 * 1048)
+    first = store.put("alice", fake_record(1, 1000))
+    assert store.get(first).seed == 1 and store.get(None) is None
+    second = store.put("alice", fake_record(2, 1000))  # a new generation replaces the session's last one
+    assert len(store) == 1 and store.get(second).seed == 2
+    with pytest.raises(UserError, match="no longer kept"):
+        store.get(first)
+    bob, carol = store.put("bob", fake_record(3, 1000)), store.put("carol", fake_record(4, 1000))
+    store.get(second)  # alice's is now the most recently used
+    store.put("dave", fake_record(5, 1000))  # over budget: the least recently used (bob's) goes
+    assert store.nbytes <= 3 * 1048
+    with pytest.raises(UserError):
+        store.get(bob)
+    assert store.get(carol).seed == 4 and store.get(second).seed == 2
+    store.drop_session("carol")  # the page closed
+    with pytest.raises(UserError):
+        store.get(carol)
+    huge = store.put("erin", fake_record(6, 10_000))  # bigger than the budget: the newest is still kept
+    assert len(store) == 1 and store.get(huge).seed == 6
