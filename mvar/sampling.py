@@ -82,19 +82,28 @@ def normalize_seed(seed) -> int:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Keep the top-k tokens and the smallest set whose probability reaches top_p: (N, V) -> (N, V)."""
+    """Keep the top-k tokens and the smallest set whose probability reaches top_p: (N, V) -> (N, V).
+
+    The most likely token always survives. With top-k on, the nucleus is searched among the k
+    candidates ``topk`` returns already sorted, which spares a sort of the whole vocabulary.
+    """
     vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before >= top_p  # the most likely token always survives (mass_before = 0)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    keep = top_k if 0 < top_k < vocab else vocab
+    if top_p >= 1.0:
+        if keep == vocab:
+            return logits
+        kth_best = logits.topk(keep, dim=-1).values[..., -1:]
+        return logits.masked_fill(logits < kth_best, float("-inf"))
+    if keep < vocab:
+        candidates, order = logits.topk(keep, dim=-1)  # sorted, descending
+    else:
+        candidates, order = logits.sort(dim=-1, descending=True)
+    probs = candidates.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before >= top_p
+    drop[..., 0] = False  # a top_p that rounds to 0 in fp32 must still leave one token
+    kept = candidates.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
 
 
 def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -173,3 +173,19 @@ def test_decode_picks_its_chunk_from_the_image_size(tiny_tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(tiny_tokenizer.decode(f_hat), tiny_tokenizer.decode(f_hat, chunk_size=1),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5, 31, 32])
+@pytest.mark.parametrize("top_p", [1.0, 0.999, 0.5, 0.05])
+def test_filter_logits_matches_the_definition(top_k, top_p):
+    """Reference: mask below the k-th best, then drop tokens once the sorted mass before them reaches top_p."""
+    logits = torch.randn(50, 32, generator=torch.Generator().manual_seed(top_k))
+    expected = logits.clone()
+    if 0 < top_k < 32:
+        expected[expected < expected.topk(top_k).values[:, -1:]] = float("-inf")
+    for row in expected:
+        probs = row.softmax(-1)
+        order = probs.argsort(descending=True)
+        before = probs[order].cumsum(0) - probs[order]
+        row[order[before >= top_p]] = float("-inf")
+    assert torch.equal(filter_logits(logits, top_k, top_p), expected)
