@@ -394,5 +394,4 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
             return_free_memory()
 
         demo.unload(on_close)
-    demo.generation_store = store  # for tests and diagnostics
     return demo
