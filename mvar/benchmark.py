@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .attention import resolve_backend
 from .config import AttentionMode, get_preset
 from .costs import flop_counter, generation_cost, teacher_forced_flops
-from .memory import MemoryJob, measure
+from .memory import MemoryJob, TrainingBatch, measure, training_step
 from .sampling import SamplingConfig, decode_to_unit, generate_steps, set_precision
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
@@ -112,38 +111,27 @@ def counted_generation_flops(models: Models, mode: AttentionMode, batch: int, dt
     return counter.get_total_flops()
 
 
-def training_steps(models: Models, mode: AttentionMode, batch: int, dtype, repeats: int) -> dict:
-    """Time of one optimiser step: VAR's full sequence; MVAR's cycle (8 joint, one per windowed scale)."""
+def training_steps(models: Models, mode: AttentionMode, batch: int, dtype, repeats: int, ratio_k: int = 8) -> dict:
+    """Time of one optimiser step of each kind in the training cycle, and the cycle's average.
+
+    VAR: every step is the full sequence. MVAR: ``ratio_k`` joint steps, then one per windowed scale.
+    """
     model = ScaleTransformer(models.transformer.cfg).to(models.transformer.pos_1LC.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    schedule = model.schedule
     cfg = model.cfg
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, schedule.total_tokens), generator=generator)
-    inputs = torch.randn(batch, schedule.total_tokens - schedule.tokens(0), cfg.latent_channels, generator=generator)
-    labels = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
-    if mode.markov:
-        kinds = [(0, mode.refine_step - 1, 8)] + [(s, s, 1) for s in range(mode.refine_step, schedule.num_scales)]
-    else:
-        kinds = [(0, schedule.num_scales - 1, 1)]
+    data = TrainingBatch.random(cfg, batch, device=model.pos_1LC.device)
+    cycle = mode.training_cycle(model.schedule.num_scales, ratio_k)
     per_kind = {}
-    for first, last, weight in kinds:
+    for first, last in sorted(set(cycle)):
         times = []
-        for _ in range(repeats + 1):
+        for _ in range(repeats + 1):  # the first is a warm-up (AdamW state, kernels)
             started = time.perf_counter()
-            with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(labels, inputs, mode, first, last)
-            target = tokens[:, schedule.begin(first) : schedule.end(last)]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            training_step(model, optimizer, data, mode, first, last, dtype)
             times.append(time.perf_counter() - started)
-        per_kind[f"{first}-{last}"] = {"seconds": statistics.median(times[1:]), "weight": weight}
-    total_weight = sum(k["weight"] for k in per_kind.values())
-    average = sum(k["seconds"] * k["weight"] for k in per_kind.values()) / total_weight
-    flops = sum(teacher_forced_flops(cfg, mode, batch, int(key.split("-")[0]), int(key.split("-")[1]))
-                * k["weight"] for key, k in per_kind.items()) / total_weight * 3  # forward + backward
+        per_kind[f"{first}-{last}"] = {"seconds": statistics.median(times[1:]), "weight": cycle.count((first, last)),
+                                       "spread": spread(times[1:])}
+    average = sum(k["seconds"] * k["weight"] for k in per_kind.values()) / len(cycle)
+    flops = sum(teacher_forced_flops(cfg, mode, batch, first, last) for first, last in cycle) / len(cycle) * 3
     return {"average_step_seconds": average, "per_kind": per_kind, "analytic_flops_per_step": flops}
 
 
@@ -203,6 +191,13 @@ def run(args) -> dict:
                 if "train" in args.measure:
                     for name, mode in modes.items():
                         entry["modes"][name]["train"] = training_steps(models, mode, batch, dtype, args.repeats)
+                if "train-memory" in args.measure:
+                    for name in modes:
+                        job = MemoryJob(mode=name.lower(), batch=batch, dtype=dtype_name, device=args.device,
+                                        refine_step=args.refine_step, kernel_size=args.kernel_size, task="train",
+                                        preset=None if not models.random_weights else preset,
+                                        tokenizer=models.tokenizer_path, transformer=models.transformer_path)
+                        entry["modes"][name]["train_peak_memory"] = measure(job)
                 report["configs"].append(entry)
                 print_entry(entry)
     return report
@@ -244,7 +239,10 @@ def print_entry(entry: dict) -> None:
                      f"(model {mvar['flops_error']:+.2%})")
     if "train" in var:
         v, m = var["train"]["average_step_seconds"], mvar["train"]["average_step_seconds"]
-        lines.append(f"  train step             VAR {v:.3f} s  MVAR {m:.3f} s  ratio {m / v:.2f}")
+        lines.append(f"  train step (cycle avg) VAR {v:.3f} s  MVAR {m:.3f} s  ratio {m / v:.2f}")
+    if "train_peak_memory" in var:
+        v, m = var["train_peak_memory"]["peak_bytes"], mvar["train_peak_memory"]["peak_bytes"]
+        lines.append(f"  train peak memory      VAR {v / 2**20:.0f} MiB  MVAR {m / 2**20:.0f} MiB  ratio {m / v:.2f}")
     print("\n".join(lines), flush=True)
 
 

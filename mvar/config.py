@@ -170,6 +170,20 @@ class AttentionMode:
     def is_windowed(self, scale: int) -> bool:
         return self.markov and scale >= self.refine_step
 
+    def training_cycle(self, num_scales: int, ratio_k: int = 8) -> tuple[tuple[int, int], ...]:
+        """Scales (first, last) of each training iteration, in order; training repeats the cycle.
+
+        VAR trains every scale at every iteration. MVAR's "parallel" schedule: ``ratio_k`` joint
+        iterations over the early scales, then one iteration per windowed scale alone.
+        """
+        if not self.markov:
+            return ((0, num_scales - 1),)
+        windowed = tuple((s, s) for s in range(self.refine_step, num_scales))
+        if not windowed:
+            return ((0, num_scales - 1),)
+        joint = ((0, self.refine_step - 1),) * ratio_k if self.refine_step > 0 else ()
+        return joint + windowed
+
     @classmethod
     def var(cls) -> AttentionMode:
         return cls(markov=False)

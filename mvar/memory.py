@@ -1,4 +1,4 @@
-"""Measured peak memory of one generation, VAR or MVAR, in a fresh process.
+"""Measured peak memory of one generation or one training cycle, VAR or MVAR, in a fresh process.
 
 On CPU each measurement runs in its own subprocess: it loads (or builds) the models, records its
 resident set size as the baseline, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``
@@ -33,6 +33,8 @@ class MemoryJob:
     kernel_size: int = 7
     decode: bool = True
     device: str = "cpu"
+    task: str = "generate"  # "generate" | "train" (one optimiser step of every kind in the training cycle)
+    ratio_k: int = 8  # MVAR training: joint iterations per cycle
 
 
 def _read_status_kib(field: str) -> int:
@@ -56,15 +58,46 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def run_job(job: MemoryJob) -> dict:
-    """Run one measurement in this process (the subprocess side)."""
+@dataclass
+class TrainingBatch:
+    """Synthetic teacher-forcing data: labels (B,), inputs (B, L - n_0, Cvae), targets (B, L)."""
+
+    labels: torch.Tensor
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def random(cls, cfg, batch: int, seed: int = 0, device="cpu") -> TrainingBatch:
+        generator = torch.Generator().manual_seed(seed)
+        schedule = cfg.schedule
+        targets = torch.randint(0, cfg.vocab_size, (batch, schedule.total_tokens), generator=generator)
+        inputs = torch.randn(batch, schedule.total_tokens - schedule.tokens(0), cfg.latent_channels,
+                             generator=generator)
+        labels = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
+        return cls(labels.to(device), inputs.to(device), targets.to(device))
+
+
+def training_step(model, optimizer, data: TrainingBatch, mode, first: int, last: int, dtype) -> float:
+    """One optimiser step (forward, backward, AdamW) on scales first..last, as the trainer takes it."""
+    import torch.nn.functional as F
+
+    schedule = model.schedule
+    with torch.autocast(data.targets.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(data.labels, data.inputs, mode, first, last)
+    target = data.targets[:, schedule.begin(first) : schedule.end(last)]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), label_smoothing=0.1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _build_models(job: MemoryJob, device: torch.device):
     from .checkpoints import load_any
-    from .config import AttentionMode, get_preset
-    from .sampling import SamplingConfig, decode_to_unit, generate_steps, set_precision
+    from .config import get_preset
     from .tokenizer import MultiScaleVQVAE
     from .transformer import ScaleTransformer
 
-    device = torch.device(job.device)
     if job.preset:
         preset = get_preset(job.preset)
         tokenizer = MultiScaleVQVAE.empty(preset.tokenizer, device)
@@ -75,6 +108,65 @@ def run_job(job: MemoryJob) -> dict:
     else:
         tokenizer = load_any(job.tokenizer, "tokenizer", device=device).model
         transformer = load_any(job.transformer, "transformer", device=device).model
+    return tokenizer, transformer
+
+
+def _start_measuring(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    _release_freed_memory()
+    baseline = _read_status_kib("VmRSS") * 1024
+    _reset_peak_rss()
+    return baseline
+
+
+def _peak(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), "cuda allocator peak minus allocated before the measured work"
+    return _read_status_kib("VmHWM") * 1024, "peak RSS minus RSS before the measured work (fresh subprocess)"
+
+
+def run_training_job(job: MemoryJob) -> dict:
+    """Peak memory of one optimiser step of every kind in the training cycle (the largest counts).
+
+    The baseline is taken after a warm-up cycle, so it holds the fp32 weights and AdamW's state
+    (the same for VAR and MVAR); the peak adds activations and gradients.
+    """
+    import time
+
+    from .config import AttentionMode
+
+    device = torch.device(job.device)
+    model = _build_models(job, device)[1].train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[job.dtype]
+    data = TrainingBatch.random(model.cfg, job.batch, device=device)
+    kinds = sorted(set(mode.training_cycle(model.schedule.num_scales, job.ratio_k)))
+    for first, last in kinds:  # warm-up: allocates AdamW's state
+        training_step(model, optimizer, data, mode, first, last, dtype)
+    optimizer.zero_grad(set_to_none=True)
+    baseline = _start_measuring(device)
+    started = time.perf_counter()
+    for first, last in kinds:
+        training_step(model, optimizer, data, mode, first, last, dtype)
+    peak, kind = _peak(device)
+    return {"job": asdict(job), "peak_bytes": peak - baseline, "baseline_bytes": baseline, "measure": kind,
+            "seconds": time.perf_counter() - started}
+
+
+def run_job(job: MemoryJob) -> dict:
+    """Run one measurement in this process (the subprocess side)."""
+    if job.task == "train":
+        return run_training_job(job)
+    from .config import AttentionMode
+    from .sampling import SamplingConfig, decode_to_unit, generate_steps, set_precision
+
+    device = torch.device(job.device)
+    tokenizer, transformer = _build_models(job, device)
     tokenizer.eval().requires_grad_(False)
     transformer.eval().requires_grad_(False)
     mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
@@ -83,25 +175,11 @@ def run_job(job: MemoryJob) -> dict:
     sampling = SamplingConfig(cfg=1.5 if job.cfg else 0.0, top_k=min(900, transformer.cfg.vocab_size), top_p=0.96)
     labels = [i % transformer.cfg.num_classes for i in range(job.batch)]
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _release_freed_memory()
-        baseline = _read_status_kib("VmRSS") * 1024
-        _reset_peak_rss()
-    steps = list(generate_steps(transformer, tokenizer, labels, 0, sampling, mode, dtype=dtype, max_batch=4096))
+    baseline = _start_measuring(device)
+    steps = list(generate_steps(transformer, tokenizer, labels, 0, sampling, mode, max_batch=4096))
     if job.decode:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            decode_to_unit(tokenizer, steps[-1].f_hat)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        kind = "cuda allocator peak minus allocated after loading"
-    else:
-        peak = _read_status_kib("VmHWM") * 1024
-        kind = "peak RSS minus RSS after loading (fresh subprocess)"
+        decode_to_unit(tokenizer, steps[-1].f_hat)
+    peak, kind = _peak(device)
     return {"job": asdict(job), "peak_bytes": peak - baseline, "baseline_bytes": baseline, "measure": kind,
             "seconds": sum(s.seconds for s in steps)}
 

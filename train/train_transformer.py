@@ -101,17 +101,8 @@ def attention_mode(args: TransformerTraining) -> AttentionMode:
 
 def iteration_scales(step: int, mode: AttentionMode, num_scales: int, ratio_k: int) -> tuple[int, int]:
     """Scales (first, last) trained at ``step``: all of them for VAR; MVAR's cycle otherwise."""
-    if not mode.markov:
-        return 0, num_scales - 1
-    windowed = list(range(mode.refine_step, num_scales))
-    if not windowed:
-        return 0, num_scales - 1
-    joint = ratio_k if mode.refine_step > 0 else 0  # refine_step 0: every scale is windowed, no joint block
-    position = step % (joint + len(windowed))
-    if position < joint:
-        return 0, mode.refine_step - 1
-    scale = windowed[position - joint]
-    return scale, scale
+    cycle = mode.training_cycle(num_scales, ratio_k)
+    return cycle[step % len(cycle)]
 
 
 def drop_labels(labels: torch.Tensor, probability: float, null_class: int, seed: int, step: int,
