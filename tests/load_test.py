@@ -50,6 +50,7 @@ class LoadReport:
     peak_mib: float | None  # server VmHWM (peak RSS since it started)
     wall_seconds: float
     mismatches: list[str] = field(default_factory=list)  # requests whose images differ from a run alone
+    compared: bool = False  # whether the served requests were run again alone
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -98,7 +99,7 @@ class LoadReport:
             + ("" if growth is None else f" ({growth:+.1%})")
             + f", peak (VmHWM) {mib(self.peak_mib)}",
             f"cross-talk check: {len(self.mismatches)} of {self.count('served')} served requests differ from "
-            "the same seed and class run alone",
+            "the same seed and class run alone" if self.compared else "cross-talk check: skipped (--no-compare)",
         ]
         return "\n".join(lines)
 
@@ -184,6 +185,7 @@ def run_load_test(url: str, pid: int | None = None, requests: int = 16, model: s
     closed = time.monotonic()
 
     if compare:
+        report.compared = True
         log(f"running the {report.count('served')} served requests again, one at a time")
         for outcome in outcomes:
             if outcome.status != "served":
