@@ -95,9 +95,24 @@ def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: 
     tokens_seconds = time.perf_counter() - started
     with torch.autocast(models.transformer.pos_1LC.device.type, dtype=dtype, enabled=dtype is not None):
         decode_to_unit(models.tokenizer, steps[-1].f_hat)
-    return {"total": time.perf_counter() - started, "tokens": tokens_seconds,
+    total = time.perf_counter() - started
+    return {"total": total, "tokens": tokens_seconds, "decode": total - tokens_seconds,
             "per_scale": [s.seconds for s in steps], "kv_cache_bytes": max(s.kv_cache_bytes for s in steps),
-            "first_preview": steps[0].seconds}
+            "first_preview": first_preview_seconds(models, mode, batch, dtype, cfg)}
+
+
+def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> float:
+    """Time from the call until the first scale's decoded preview is in hand (what the app streams first)."""
+    labels = [i % models.transformer.cfg.num_classes for i in range(batch)]
+    sampling = SamplingConfig(cfg=1.5 if cfg else 0.0, top_k=min(900, models.transformer.cfg.vocab_size), top_p=0.96)
+    started = time.perf_counter()
+    steps = generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, previews=True,
+                           dtype=dtype, max_batch=4096)
+    first = next(steps)
+    seconds = time.perf_counter() - started
+    steps.close()
+    assert first.preview is not None
+    return seconds
 
 
 def counted_generation_flops(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> int:
@@ -149,7 +164,8 @@ def run(args) -> dict:
                 report["notes"].append(f"{preset}: random weights (speed and memory do not depend on the values)")
             modes = {"VAR": AttentionMode.var(), "MVAR": AttentionMode.mvar(args.refine_step, args.kernel_size)}
             for batch in args.batch_sizes:
-                entry = {"preset": preset, "batch": batch, "dtype": dtype_name, "cfg": args.cfg, "modes": {}}
+                entry = {"preset": preset, "batch": batch, "dtype": dtype_name, "cfg": args.cfg, "modes": {},
+                         "matmul_peak_flops": peak}
                 backend = resolve_backend("auto", device, models.transformer.cfg.patch_nums[-1] ** 2)
                 for name, mode in modes.items():
                     cost = generation_cost(models.transformer.cfg, mode, batch, args.cfg, dtype_name,
@@ -167,6 +183,7 @@ def run(args) -> dict:
                         out = entry["modes"][name]
                         out["latency_total"] = spread([r["total"] for r in results])
                         out["latency_tokens"] = spread([r["tokens"] for r in results])
+                        out["latency_decode"] = spread([r["decode"] for r in results])
                         out["first_preview"] = spread([r["first_preview"] for r in results])
                         out["latency_per_scale"] = [statistics.median(r["per_scale"][s] for r in results)
                                                     for s in range(len(results[0]["per_scale"]))]
@@ -227,6 +244,10 @@ def print_entry(entry: dict) -> None:
     if "latency_total" in var:
         v, m = var["latency_total"]["median"], mvar["latency_total"]["median"]
         lines.append(f"  latency (tokens+decode) VAR {v:.3f} s  MVAR {m:.3f} s  ratio {m / v:.2f}")
+        v, m = var["latency_tokens"]["median"], mvar["latency_tokens"]["median"]
+        lines.append(f"  of which tokens        VAR {v:.3f} s  MVAR {m:.3f} s")
+        v, m = var["first_preview"]["median"], mvar["first_preview"]["median"]
+        lines.append(f"  first preview          VAR {v:.3f} s  MVAR {m:.3f} s")
     if "peak_memory" in var:
         v, m = var["peak_memory"]["peak_bytes"], mvar["peak_memory"]["peak_bytes"]
         lines.append(f"  peak memory            VAR {v / 2**20:.0f} MiB  MVAR {m / 2**20:.0f} MiB  ratio {m / v:.2f}")
@@ -237,6 +258,11 @@ def print_entry(entry: dict) -> None:
         lines.append(f"  FLOPs                  VAR {var['counted_flops'] / 1e9:.1f} G "
                      f"(model {var['flops_error']:+.2%})  MVAR {mvar['counted_flops'] / 1e9:.1f} G "
                      f"(model {mvar['flops_error']:+.2%})")
+    if "fraction_of_matmul_peak" in var:
+        lines.append(f"  transformer throughput VAR {var['achieved_flops_per_s'] / 1e9:.0f} GFLOP/s "
+                     f"({var['fraction_of_matmul_peak']:.0%})  MVAR {mvar['achieved_flops_per_s'] / 1e9:.0f} GFLOP/s "
+                     f"({mvar['fraction_of_matmul_peak']:.0%}) of a {entry['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+                     f"matmul")
     if "train" in var:
         v, m = var["train"]["average_step_seconds"], mvar["train"]["average_step_seconds"]
         lines.append(f"  train step (cycle avg) VAR {v:.3f} s  MVAR {m:.3f} s  ratio {m / v:.2f}")
