@@ -11,12 +11,15 @@ random numbers in a fixed order, so a sample never depends on the other samples 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from . import checks
 from .config import VAR_MODE, AttentionMode
 from .tokenizer import MultiScaleVQVAE
 from .transformer import AttentionCapture, ScaleTransformer
@@ -36,13 +39,13 @@ class SamplingConfig:
     smooth: bool = False
 
     def validate(self, vocab_size: int) -> SamplingConfig:
-        if not isinstance(self.cfg, (int, float)) or self.cfg != self.cfg or self.cfg < 0 or self.cfg > 100:
-            raise ValueError(f"cfg must be a number in [0, 100], got {self.cfg!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= vocab_size:
-            raise ValueError(f"top_k must be an integer in 0..{vocab_size} (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        return self
+        """The settings with plain Python types (float, int, float, bool), or a ValueError naming the bad one."""
+        return SamplingConfig(
+            cfg=checks.real("cfg", self.cfg, 0, 100),
+            top_k=checks.integer("top_k", self.top_k, 0, vocab_size),
+            top_p=checks.real("top_p", self.top_p, 0, 1, low_open=True),
+            smooth=checks.boolean("smooth", self.smooth),
+        )
 
 
 @dataclass
@@ -70,15 +73,20 @@ class Generation:
 
 
 def normalize_seed(seed) -> int:
-    """Any integer (negative, huge) -> a valid generator seed; non-integers are refused."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    """Any integer (negative, huge; numpy ints; a whole float such as 5.0) -> a valid generator seed.
+
+    Everything else is refused with a ValueError: bools, strings ("12" is no seed), 1.5, NaN, inf, None.
+    """
+    if checks.is_integer(seed):
+        return int(seed) % SEED_MODULUS
+    if checks.is_real(seed):
         try:
-            if float(seed) != int(seed):
-                raise ValueError
-            seed = int(seed)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"seed must be an integer, got {seed!r}") from None
-    return seed % SEED_MODULUS
+            number = float(seed)
+        except OverflowError:  # a huge Fraction: not worth supporting
+            number = math.nan
+        if math.isfinite(number) and number.is_integer():
+            return int(number) % SEED_MODULUS
+    raise ValueError(f"seed must be an integer, got {checks.shown(seed)} ({type(seed).__name__})")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -148,16 +156,46 @@ def compute_dtype(transformer: ScaleTransformer, dtype: torch.dtype | None) -> t
     return dtype
 
 
+def _is_collection(values) -> bool:
+    """A list-like argument: iterable, but no string, bytes or mapping."""
+    return isinstance(values, Iterable) and not isinstance(values, str | bytes | Mapping)
+
+
+def _integer_items(values) -> list | None:
+    """The items of a 1-D tensor / array of an integer dtype or of a list-like, else None (no check of the items)."""
+    if torch.is_tensor(values) or isinstance(values, np.ndarray):
+        dtype = values.dtype
+        integral = (not values.is_floating_point() and not values.is_complex() and dtype != torch.bool
+                    if torch.is_tensor(values) else np.issubdtype(dtype, np.integer))
+        return values.tolist() if values.ndim == 1 and integral else None
+    return list(values) if _is_collection(values) else None
+
+
+def _check_labels(labels) -> list[int]:
+    items = _integer_items(labels)
+    if items is None:
+        what = (f"a tensor of shape {tuple(labels.shape)} and dtype {labels.dtype}"
+                if torch.is_tensor(labels) or isinstance(labels, np.ndarray)
+                else f"{checks.shown(labels)} ({type(labels).__name__})")
+        raise ValueError("class ids must be a sequence of integers (a list, a tuple or a 1-D integer tensor), "
+                         f"got {what}")
+    for label in items:
+        if not checks.is_integer(label):
+            raise ValueError(f"class id {checks.shown(label)} is not an integer")
+    return [int(label) for label in items]
+
+
 def _check_batch(labels, seeds, num_classes: int, max_batch: int) -> tuple[list[int], list[int]]:
-    labels = [int(x) for x in (labels.tolist() if torch.is_tensor(labels) else labels)]
+    labels = _check_labels(labels)
     if not labels:
         raise ValueError("at least one class label is required")
     if len(labels) > max_batch:
         raise ValueError(f"batch of {len(labels)} exceeds the limit of {max_batch} samples")
     for label in labels:
         if not 0 <= label <= num_classes:
-            raise ValueError(f"class id {label} is out of range 0..{num_classes - 1} ({num_classes} = unconditional)")
-    if isinstance(seeds, int) or not isinstance(seeds, Sequence):
+            raise ValueError(f"class id {checks.shown(label)} is out of range 0..{num_classes - 1} "
+                             f"({num_classes} = unconditional)")
+    if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence):  # one seed ("12" is one bad seed)
         base = normalize_seed(seeds)
         seeds = [(base + i) % SEED_MODULUS for i in range(len(labels))]
     else:
@@ -165,6 +203,44 @@ def _check_batch(labels, seeds, num_classes: int, max_batch: int) -> tuple[list[
     if len(seeds) != len(labels):
         raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
     return labels, seeds
+
+
+def _check_dtype(dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in (torch.float32,) + LOW_PRECISION):
+        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {checks.shown(dtype)} ({type(dtype).__name__})")
+
+
+def _check_capture_layers(capture_layers, depth: int) -> tuple[int, ...]:
+    """Layer indices in 0..depth-1 (None = every layer)."""
+    if capture_layers is None:
+        return tuple(range(depth))
+    items = _integer_items(capture_layers)
+    if items is None or not all(checks.is_integer(i) and 0 <= i < depth for i in items):
+        raise ValueError(f"capture layers must be a sequence of integers in 0..{depth - 1}, "
+                         f"got {checks.shown(capture_layers)}")
+    return tuple(int(i) for i in items)
+
+
+def _check_capture_queries(capture_queries, patch_nums: Sequence[int]) -> dict[int, tuple[int, ...] | None] | None:
+    """{scale index: token positions within the scale, or None for all} with every key and position checked."""
+    if capture_queries is None:
+        return None
+    if not isinstance(capture_queries, Mapping):
+        raise ValueError("capture_queries must map scale indices to token positions (or None), "
+                         f"got {checks.shown(capture_queries)} ({type(capture_queries).__name__})")
+    checked = {}
+    for scale, chosen in capture_queries.items():
+        if not (checks.is_integer(scale) and 0 <= scale < len(patch_nums)):
+            raise ValueError(f"capture_queries keys must be scale indices in 0..{len(patch_nums) - 1}, "
+                             f"got {checks.shown(scale)} ({type(scale).__name__})")
+        count = patch_nums[scale] ** 2
+        items = None if chosen is None else _integer_items(chosen)
+        if chosen is not None and (not items or not all(checks.is_integer(i) and 0 <= i < count for i in items)):
+            raise ValueError(f"capture query tokens of scale {scale} must be a non-empty sequence of integers in "
+                             f"0..{count - 1} (or None for all), got {checks.shown(chosen)}")
+        checked[int(scale)] = None if items is None else tuple(int(i) for i in items)
+    return checked
 
 
 @torch.no_grad()
@@ -189,7 +265,16 @@ def generate_steps(
     ({scale: token indices or None for all}) at the chosen layers, conditional branch only.
     """
     cfg = transformer.cfg
-    sampling = (sampling or SamplingConfig()).validate(cfg.vocab_size)
+    sampling = SamplingConfig() if sampling is None else sampling
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {checks.shown(sampling)} ({type(sampling).__name__})")
+    sampling = sampling.validate(cfg.vocab_size)
+    if not isinstance(mode, AttentionMode):
+        raise ValueError(f"mode must be an AttentionMode (VAR_MODE, MVAR_MODE, AttentionMode.mvar(...)), "
+                         f"got {checks.shown(mode)} ({type(mode).__name__})")
+    _check_dtype(dtype)
+    previews = checks.boolean("previews", previews)
+    max_batch = checks.integer("max_batch", max_batch, low=1)
     labels, seeds = _check_batch(labels, seeds, cfg.num_classes, max_batch)
     if tokenizer.cfg.patch_nums != cfg.patch_nums:
         raise ValueError(
@@ -198,9 +283,8 @@ def generate_steps(
         )
     if tokenizer.cfg.vocab_size != cfg.vocab_size or tokenizer.cfg.latent_channels != cfg.latent_channels:
         raise ValueError("tokenizer and transformer disagree on vocab_size or latent_channels")
-    layers = tuple(range(cfg.depth)) if capture_layers is None else tuple(int(i) for i in capture_layers)
-    if any(not 0 <= i < cfg.depth for i in layers):
-        raise ValueError(f"capture layers must be in 0..{cfg.depth - 1}, got {layers}")
+    layers = _check_capture_layers(capture_layers, cfg.depth)
+    capture_queries = _check_capture_queries(capture_queries, cfg.patch_nums)
 
     device = transformer.pos_1LC.device
     dtype = compute_dtype(transformer, dtype)
@@ -321,6 +405,8 @@ def generate(
 ) -> Generation:
     """Generate to the end and decode once: the batch helper behind the CLI and the benchmarks."""
     started = time.perf_counter()
+    if decode_chunk is not None:
+        decode_chunk = checks.integer("decode_chunk", decode_chunk, low=1)
     steps = list(generate_steps(transformer, tokenizer, labels, seeds, sampling, mode,
                                 previews=False, dtype=dtype, max_batch=max_batch))
     with _autocast(steps[-1].f_hat.device, compute_dtype(transformer, dtype)):
