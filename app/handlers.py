@@ -210,12 +210,13 @@ def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, se
     layers = capture_layers_for(models)
     patch_nums = models.transformer.cfg.patch_nums
     queries = dict.fromkeys(range(len(patch_nums)))  # every query of every scale
+    tokenizer, mvar_transformer, var_transformer = models.in_precision(dtype)
     streams = {
-        "MVAR": generate_steps(models.transformer, models.tokenizer, [label] * num_images, seed, sampling,
-                               models.mvar_mode, previews=True, dtype=dtype, capture_layers=layers,
+        "MVAR": generate_steps(mvar_transformer, tokenizer, [label] * num_images, seed, sampling,
+                               models.mvar_mode, previews=True, capture_layers=layers,
                                capture_queries=queries, max_batch=max_images),
-        "VAR": generate_steps(models.var_transformer, models.tokenizer, [label] * num_images, seed, sampling,
-                              VAR_MODE, previews=True, dtype=dtype, capture_layers=layers, capture_queries=queries,
+        "VAR": generate_steps(var_transformer, tokenizer, [label] * num_images, seed, sampling,
+                              VAR_MODE, previews=True, capture_layers=layers, capture_queries=queries,
                               max_batch=max_images),
     }
     runs = {name: ModelRun(mode=models.mvar_mode if name == "MVAR" else VAR_MODE) for name in streams}

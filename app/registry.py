@@ -8,6 +8,7 @@ entry's key; it can never name a server path.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 
 from mvar.checkpoints import OFFICIAL_FILES, CheckpointError, download_official, load_any, official_file_path
 from mvar.config import AttentionMode, get_preset
+from mvar.sampling import set_precision
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
 
@@ -55,6 +57,25 @@ class LoadedModels:
     sampling: dict
     mvar_mode: AttentionMode
     cache: dict = field(default_factory=dict)  # results computed once per loaded model (analysis, memory)
+    _precision_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def in_precision(self, dtype: torch.dtype | None) -> tuple[MultiScaleVQVAE, ScaleTransformer, ScaleTransformer]:
+        """(tokenizer, MVAR transformer, VAR transformer) with weights stored in ``dtype``.
+
+        Low-precision copies are made once per model and kept: generating from fp32 weights under
+        autocast would recast every weight at every scale.
+        """
+        if dtype is None or dtype == torch.float32:
+            return self.tokenizer, self.transformer, self.var_transformer
+        with self._precision_lock:
+            key = ("weights", dtype)
+            if key not in self.cache:
+                tokenizer, transformer = copy.deepcopy(self.tokenizer), copy.deepcopy(self.transformer)
+                var = transformer if self.var_transformer is self.transformer else copy.deepcopy(self.var_transformer)
+                set_precision(transformer, tokenizer, dtype)
+                set_precision(var, tokenizer, dtype)
+                self.cache[key] = (tokenizer, transformer, var)
+            return self.cache[key]
 
     @property
     def baseline_note(self) -> str:

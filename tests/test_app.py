@@ -214,3 +214,16 @@ def test_registry_lists_official_files_and_hub_presets_but_never_paths_from_the_
     online = ModelRegistry(models, assets_dir=tmp_path / "no-assets", allow_download=True)
     keys = [e.key for e in online.entries()]
     assert "mvar-d16" in keys and "var-d30" in keys and keys.count("var-d16") == 1
+
+
+def test_bf16_generation_uses_bf16_copies_made_once(registry):
+    frames = list(handlers.generate_frames(registry, "tiny", "class-3", 7, 1.0, 10, 0.95, False, 1, torch.bfloat16))
+    rec = frames[-1].record
+    assert rec is not None and rec.runs["MVAR"].finals[0].shape == (64, 64, 3)
+    models = registry.load("tiny")
+    tokenizer, mvar, var = models.in_precision(torch.bfloat16)
+    assert mvar.head.weight.dtype == torch.bfloat16 and var is mvar  # one checkpoint, both modes
+    assert tokenizer.decoder.conv_out.weight.dtype == torch.bfloat16
+    assert models.transformer.head.weight.dtype == torch.float32  # the fp32 models are untouched
+    assert models.in_precision(torch.bfloat16)[1] is mvar  # made once
+    assert models.in_precision(None)[1] is models.transformer
