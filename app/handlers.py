@@ -189,11 +189,14 @@ class Frame:
     record: GenerationRecord | None = None
 
 
-def load_models(registry: ModelRegistry, model_key) -> LoadedModels:
-    """The loaded models of an entry; an unknown key or a broken file is a UserError."""
+def load_models(registry: ModelRegistry, model_key, progress=None) -> LoadedModels:
+    """The loaded models of an entry; an unknown key or a broken file is a UserError.
+
+    ``progress(fraction, desc=...)`` (e.g. ``gr.Progress``) follows a hub download and the loading.
+    """
     if not isinstance(model_key, str):
         raise UserError(f"unknown model {checks.shown(model_key)}: pick one from the list")
-    return _user_errors(registry.load, model_key)
+    return _user_errors(registry.load, model_key, progress=progress)
 
 
 def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, seed, cfg, top_k, top_p, smooth,

@@ -281,9 +281,9 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
             latency_plot = gr.Plot(elem_id="latency-plot")
 
         # ----- events -----
-        def on_model(key, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - shows hub download bars
+        def on_model(key, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress bar
             progress(0, desc="loading the model (downloading it first if it comes from the hub)")
-            models = registry.load(key)
+            models = handlers.load_models(registry, key, progress)
             return (gr.update(choices=models.class_names, value=models.class_names[0]), models.baseline_note,
                     models.sampling["cfg"], models.sampling["top_k"], models.sampling["top_p"])
 

@@ -126,7 +126,9 @@ def test_hub_preset_downloads_once_on_demand_with_progress_and_loads_what_was_se
     assert hub.calls == []  # listing downloads nothing
 
     events = []
-    models = registry.load("mvar-d16", progress=lambda fraction, desc="": events.append((fraction, desc)))
+    from app.handlers import load_models  # the page's path: the model dropdown's handler passes gr.Progress
+
+    models = load_models(registry, "mvar-d16", progress=lambda fraction, desc="": events.append((fraction, desc)))
     assert hub.calls == [("FoundationVision/var", VAE_FILE), ("CVLUESTC/MVAR", MVAR_FILE)]
     assert sorted(p.name for p in models_dir.iterdir()) == sorted([VAE_FILE, MVAR_FILE])
     # the loaded models are exactly the files served
