@@ -16,7 +16,7 @@ they load strictly through ``checkpoints.py``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention as attn_ops
+from .checks import integer, shown
 from .config import VAR_MODE, AttentionMode, TransformerConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +319,15 @@ class ScaleTransformer(nn.Module):
     # ----- validation --------------------------------------------------------------------------
 
     def check_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.pos_1LC.device)
+        """Class ids (B,) as a long tensor on the model's device; floats and bools are refused, never truncated."""
+        if not torch.is_tensor(labels):
+            try:
+                labels = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise ValueError(f"labels must be a 1-D tensor of integer class ids, got {shown(labels)}") from None
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be a 1-D tensor of integer class ids, got a {labels.dtype} tensor")
+        labels = labels.to(device=self.pos_1LC.device, dtype=torch.long)
         if labels.ndim != 1 or labels.numel() == 0:
             raise ValueError(f"labels must be a non-empty 1-D tensor of class ids, got shape {tuple(labels.shape)}")
         low, high = int(labels.min()), int(labels.max())
@@ -378,7 +387,13 @@ class ScaleTransformer(nn.Module):
         scale alone. Multi-scale patterns run as per-scale segments, or as one masked call with
         ``dense_mask`` (the reference).
         """
-        scales = list(scales)
+        if not isinstance(mode, AttentionMode):
+            raise ValueError(f"mode must be an AttentionMode, got {shown(mode)} ({type(mode).__name__})")
+        if isinstance(scales, str | bytes) or not isinstance(scales, Iterable):
+            raise ValueError(f"scales must be a sequence of scale indices, got {shown(scales)}")
+        scales = [self.schedule.check_scale(s) for s in scales]
+        if not scales or any(b != a + 1 for a, b in zip(scales, scales[1:], strict=False)):
+            raise ValueError(f"scales must be consecutive scale indices (at least one), got {scales}")
         nums = tuple(self.cfg.patch_nums[s] for s in scales)
         device = self.pos_1LC.device
         ends = [sum(n * n for n in nums[: i + 1]) for i in range(len(nums))]
@@ -456,6 +471,9 @@ class ScaleTransformer(nn.Module):
         return torch.cat(outputs, dim=1)
 
     def new_kv_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        batch = integer("batch", batch, low=1)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {shown(dtype)}")
         cfg = self.cfg
         return KVCache(cfg.depth, batch, cfg.num_heads, self.schedule.total_tokens, cfg.head_dim,
                        dtype or self.pos_1LC.dtype, self.pos_1LC.device)

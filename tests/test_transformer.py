@@ -174,3 +174,49 @@ def test_segmented_attention_equals_the_dense_masked_reference(tiny_transformer,
         dense = tiny_transformer.run_blocks(x, cond, tiny_transformer.plan_for(mode, scales, dense_mask=True))
     assert tiny_transformer.plan_for(mode, scales).segments is not None
     torch.testing.assert_close(segmented, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("labels", [
+    torch.tensor([1.7]), torch.tensor([float("nan")]), torch.tensor([True]), torch.tensor([1.0], dtype=torch.bfloat16),
+    [1.7], [True, False], ["3"], [2**70], "abc", None,
+])
+def test_labels_must_be_integer_class_ids_never_truncated(tiny_transformer, labels):
+    with pytest.raises(ValueError, match="labels must be a 1-D tensor of integer class ids"):
+        tiny_transformer.check_labels(labels)
+
+
+def test_integer_labels_of_any_integer_dtype_are_accepted(tiny_transformer):
+    for labels in (torch.tensor([1, 12]), torch.tensor([1, 12], dtype=torch.uint8), [1, 12], (1, 12)):
+        checked = tiny_transformer.check_labels(labels)
+        assert checked.dtype == torch.long and checked.tolist() == [1, 12]
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        tiny_transformer.check_labels(torch.ones(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("scales,message", [
+    ([-1], "out of range"), ([10], "out of range"), ([0, -1], "out of range"), ([1.0], "scale index"),
+    ([True], "scale index"), (["0"], "scale index"), ([], "consecutive"), ([0, 2], "consecutive"),
+    ([1, 0], "consecutive"), (3, "sequence of scale indices"), ("01", "sequence of scale indices"),
+])
+@pytest.mark.parametrize("mode", [VAR_MODE, MVAR_MODE], ids=["var", "mvar"])
+def test_plan_for_checks_every_scale(tiny_transformer, mode, scales, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_transformer.plan_for(mode, scales)
+
+
+def test_plan_for_checks_the_mode(tiny_transformer):
+    with pytest.raises(ValueError, match="mode must be an AttentionMode"):
+        tiny_transformer.plan_for("var", [0])
+
+
+@pytest.mark.parametrize("batch", [0, -1, True, 2.0, "2", None, 2**70 * 1.0])
+def test_kv_cache_batch_must_be_a_positive_integer(tiny_transformer, batch):
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        tiny_transformer.new_kv_cache(batch)
+
+
+def test_kv_cache_dtype_must_be_a_float_dtype(tiny_transformer):
+    assert tiny_transformer.new_kv_cache(2, torch.bfloat16).keys[0].dtype == torch.bfloat16
+    for dtype in ("bf16", torch.int64, torch.bool):
+        with pytest.raises(ValueError, match="dtype must be None or a floating-point"):
+            tiny_transformer.new_kv_cache(2, dtype)
