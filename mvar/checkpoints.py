@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import checks
 from .attention import block_causal_mask
 from .config import (
     OFFICIAL_TOKENIZER,
@@ -39,6 +40,7 @@ from .transformer import ScaleTransformer
 FORMAT_NAME = "mvar-studio"
 FORMAT_VERSION = "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MODEL_KINDS = ("tokenizer", "transformer")
 
 # Official files and where they live on the Hugging Face hub.
 OFFICIAL_FILES: dict[str, tuple[str, str, str]] = {
@@ -134,19 +136,31 @@ def read_metadata(path) -> dict:
         raise CheckpointError(path, f"metadata is damaged: {err}") from None
 
 
+def _check_kind(name: str, kind, optional: bool = False) -> None:
+    """``kind`` names a model kind (or is None when ``optional``), else a ValueError naming ``name``."""
+    if (optional and kind is None) or (isinstance(kind, str) and kind in MODEL_KINDS):
+        return
+    choices = "'tokenizer' or 'transformer'" + (" (or None)" if optional else "")
+    raise ValueError(f"{name} must be {choices}, got {checks.shown(kind)}")
+
+
 def load_model(path, device: str | torch.device = "cpu", expect: str | None = None) -> LoadedModel:
-    """Load one of our files; the config comes from the file's metadata."""
+    """Load one of our files; the config comes from the file's metadata.
+
+    ``expect``: "tokenizer" or "transformer" to refuse a file of the other kind, None for either.
+    """
+    _check_kind("expect", expect, optional=True)
     path = Path(path)
     meta = read_metadata(path)
     kind = meta.get("kind")
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(path, f"unknown model kind {checks.shown(kind)}")
     if expect is not None and kind != expect:
         raise CheckpointError(path, f"expected a {expect} file, found a {kind} file")
     try:
         config = (TokenizerConfig if kind == "tokenizer" else TransformerConfig).from_dict(meta["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(path, f"config in metadata is invalid: {err}") from None
-    if kind not in ("tokenizer", "transformer"):
-        raise CheckpointError(path, f"unknown model kind {kind!r}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
@@ -327,7 +341,8 @@ def convert_official(src, dst, kind: str, preset: str | None = None, extra: dict
 
 
 def load_any(path, kind: str, device="cpu", preset: str | None = None) -> LoadedModel:
-    """Load ours (.safetensors) or an official file (.pth) of the given kind."""
+    """Load ours (.safetensors) or an official file (.pth) of the given kind ("tokenizer" or "transformer")."""
+    _check_kind("kind", kind)
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_model(path, device, expect=kind)

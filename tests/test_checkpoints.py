@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mvar.checkpoints import (
     CheckpointError,
     infer_transformer_config,
+    load_any,
     load_model,
     load_official_tokenizer,
     load_official_transformer,
@@ -149,6 +151,36 @@ def test_kind_mismatch_is_refused(tmp_path, tiny_tokenizer):
     save_model(path, tiny_tokenizer)
     with pytest.raises(CheckpointError, match="expected a transformer file"):
         load_model(path, expect="transformer")
+
+
+@pytest.mark.parametrize("kind", ["tok", "Transformer", "", None, 1, True, ["transformer"]])
+def test_load_any_refuses_an_unknown_kind_before_reading(tmp_path, tiny_transformer, kind):
+    pth = tmp_path / "model.pth"
+    torch.save(official_transformer_state_dict(tiny_transformer), pth)  # kind="tok" loaded it as a transformer
+    for path in (pth, tmp_path / "absent.safetensors", tmp_path / "absent.pth"):
+        with pytest.raises(ValueError, match="kind must be 'tokenizer' or 'transformer'") as err:
+            load_any(path, kind)
+        assert not isinstance(err.value, CheckpointError)  # the argument is at fault, not the file
+
+
+@pytest.mark.parametrize("expect", ["tok", "Tokenizer", "", 0, False])
+def test_load_model_checks_expect(tmp_path, tiny_tokenizer, expect):
+    path = tmp_path / "tok.safetensors"
+    save_model(path, tiny_tokenizer)
+    with pytest.raises(ValueError, match="expect must be 'tokenizer' or 'transformer' \\(or None\\)"):
+        load_model(path, expect=expect)
+    assert load_model(path, expect=None).kind == load_any(path, "tokenizer").kind == "tokenizer"
+
+
+def test_an_unknown_kind_in_the_metadata_is_named(tmp_path, tiny_tokenizer):
+    path = tmp_path / "odd.safetensors"
+    save_model(path, tiny_tokenizer)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    save_file(state, str(path), metadata={**meta, "kind": "decoder"})
+    with pytest.raises(CheckpointError, match="unknown model kind 'decoder'"):
+        load_model(path)
 
 
 def test_infer_config_refuses_foreign_state_dicts():
