@@ -10,12 +10,15 @@ is used instead. These are measurements; the analytic model lives in ``costs.py`
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from . import checks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +38,41 @@ class MemoryJob:
     device: str = "cpu"
     task: str = "generate"  # "generate" | "train" (one optimiser step of every kind in the training cycle)
     ratio_k: int = 8  # MVAR training: joint iterations per cycle
+
+    def __post_init__(self) -> None:
+        """Checked here, in the parent process: a bad job fails with a readable ValueError, not in a subprocess."""
+        from .config import get_preset
+
+        _one_of("mode", self.mode, ("var", "mvar"))
+        _one_of("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        _one_of("task", self.task, ("generate", "train"))
+        for name, low in (("batch", 1), ("refine_step", 0), ("kernel_size", 1), ("ratio_k", 1)):
+            object.__setattr__(self, name, checks.integer(name, getattr(self, name), low=low))  # numpy ints -> JSON
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        checks.boolean("cfg", self.cfg)
+        checks.boolean("decode", self.decode)
+        if self.preset is not None:
+            get_preset(self.preset)
+        for name in ("tokenizer", "transformer"):
+            path = getattr(self, name)
+            if path is not None and not isinstance(path, str | os.PathLike):
+                raise ValueError(f"{name} must be a file path, got {checks.shown(path)} ({type(path).__name__})")
+            object.__setattr__(self, name, None if path is None else os.fspath(path))
+        if self.preset is None and (self.tokenizer is None or self.transformer is None):
+            raise ValueError("a memory job needs a preset, or both a tokenizer and a transformer file")
+        try:
+            if not isinstance(self.device, str):
+                raise TypeError
+            torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {checks.shown(self.device)}"
+                             ) from None
+
+
+def _one_of(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {checks.shown(value)}")
 
 
 def _read_status_kib(field: str) -> int:
@@ -185,7 +223,10 @@ def run_job(job: MemoryJob) -> dict:
 
 
 def measure(job: MemoryJob, timeout: float = 1800) -> dict:
-    """Run ``job`` in a fresh Python process and return its report."""
+    """Run ``job`` in a fresh Python process and return its report; ``timeout`` in seconds (> 0)."""
+    if not isinstance(job, MemoryJob):
+        raise ValueError(f"job must be a MemoryJob, got {checks.shown(job)} ({type(job).__name__})")
+    timeout = checks.real("timeout", timeout, 0, low_open=True)
     result = subprocess.run([sys.executable, "-m", "mvar.memory", json.dumps(asdict(job))], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:

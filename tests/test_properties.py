@@ -1,17 +1,20 @@
-"""Property tests: random and extreme arguments to the sampler and the app handlers.
+"""Property tests: random and extreme arguments to the sampler, memory jobs and the app handlers.
 
 Whatever comes in, the result is a valid image (finite, in [0, 1], the right shape) or a readable
 error naming the bad argument (a ValueError in the library, a UserError in the app): never another
 exception, a NaN or a hang. Sized for one thread: tiny models, derandomized examples, well under a
 minute for the file.
 
-Tests marked ``xfail(strict=True)`` describe checks that ``mvar/sampling.py`` does not make yet;
-once it does they pass, strict xfail turns that into a failure, and the marker should go.
+A test marked ``xfail(strict=True)`` describes a check the library does not make yet; once it
+does, strict xfail turns the passing test into a failure, and the marker should go.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -23,6 +26,7 @@ from hypothesis import strategies as st
 from app import handlers
 from app.registry import ModelEntry, ModelRegistry
 from mvar.config import MVAR_MODE, VAR_MODE
+from mvar.memory import MemoryJob, measure
 from mvar.sampling import SEED_MODULUS, SamplingConfig, filter_logits, generate, generate_steps, normalize_seed
 
 BASE = settings(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -142,7 +146,7 @@ def test_a_sample_in_a_batch_equals_the_same_sample_alone(tiny_transformer, tiny
     assert torch.allclose(batch.images[i : i + 1], alone.images, atol=1e-5)
 
 
-# ----- checks mvar/sampling.py does not make yet (see the module docstring) ---------------------
+# ----- strict argument types: no truncation, no bool for an int, no str for a sequence ----------
 
 
 @NO_SHRINK
@@ -224,6 +228,68 @@ def test_mode_dtype_previews_and_decode_chunk_are_checked(tiny_transformer, tiny
 def test_capture_arguments_are_checked(tiny_transformer, tiny_tokenizer, capture):
     with pytest.raises(ValueError, match="capture"):
         _run(tiny_transformer, tiny_tokenizer, **capture)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory jobs: checked in the parent process, before a subprocess starts
+# ---------------------------------------------------------------------------------------------
+
+JOB = dict(mode="mvar", batch=2, preset="tiny")
+BAD_JOB_FIELDS = dict(
+    mode=st.one_of(st.sampled_from(["VAR", "MVAR", "markov", ""]), anything),
+    batch=st.one_of(st.integers(-(2**70), 0), st.sampled_from([2.0, "2", True, None, math.inf, math.nan])),
+    dtype=st.one_of(st.sampled_from(["float32", "bfloat16", "int8", torch.bfloat16]), anything),
+    task=st.one_of(st.sampled_from(["Train", "training", "measure"]), anything),
+    refine_step=st.one_of(st.integers(-(2**70), -1), st.sampled_from([8.0, "8", True, None])),
+    kernel_size=st.one_of(st.integers(-(2**70), 0), st.sampled_from([6, 7.0, "7", True, None])),
+    ratio_k=st.one_of(st.integers(-(2**70), 0), st.sampled_from([8.0, "8", True, None])),
+    cfg=st.sampled_from([0, 1, "yes", None, 1.5]),
+    decode=st.sampled_from([0, 1, "no", None]),
+    device=st.one_of(st.sampled_from(["gpu", "", "cpu:x", torch.device("cpu"), None]), any_ints),
+    preset=st.one_of(st.sampled_from(["d99", "Tiny", ""]), any_ints, any_floats),
+)
+
+
+@QUICK
+@given(data=st.data(), field=st.sampled_from(sorted(BAD_JOB_FIELDS)))
+def test_memory_jobs_refuse_bad_fields_with_a_value_error_naming_them(data, field):
+    value = data.draw(BAD_JOB_FIELDS[field], label=field)
+    with pytest.raises(ValueError) as err:
+        MemoryJob(**JOB | {field: value})
+    names_one_of(str(err.value), [field])
+
+
+@pytest.mark.parametrize("files", [dict(), dict(tokenizer="t.safetensors"), dict(transformer="m.safetensors"),
+                                   dict(tokenizer=None, transformer="m.pth")])
+def test_memory_jobs_need_a_preset_or_both_model_files(files):
+    with pytest.raises(ValueError, match="needs a preset, or both a tokenizer and a transformer file"):
+        MemoryJob(mode="var", batch=1, **files)
+    with pytest.raises(ValueError, match="tokenizer must be a file path"):
+        MemoryJob(mode="var", batch=1, tokenizer=3, transformer="m.pth")
+
+
+@QUICK
+@given(batch=st.integers(1, 2**70), numpy_int=st.booleans(), use_path=st.booleans())
+def test_valid_memory_jobs_keep_plain_types_for_their_subprocess(batch, numpy_int, use_path):
+    if numpy_int:
+        batch = np.int64(min(batch, 2**62))
+    files = (dict(tokenizer=Path("t.safetensors"), transformer=Path("m.pth")) if use_path
+             else dict(tokenizer="t.safetensors", transformer="m.pth"))
+    job = MemoryJob(mode="var", batch=batch, refine_step=np.int32(3), **files)
+    assert type(job.batch) is int and job.batch == batch and type(job.refine_step) is int
+    assert MemoryJob(**json.loads(json.dumps(asdict(job)))) == job  # what the subprocess receives
+
+
+@QUICK
+@given(timeout=st.one_of(st.sampled_from([0, -1, 0.0, -0.0, math.inf, math.nan, None, "60", True]),
+                         st.floats(max_value=0), st.integers(max_value=0)))
+def test_measure_needs_a_positive_timeout_and_starts_nothing_otherwise(timeout):
+    with mock.patch("mvar.memory.subprocess.run") as run:
+        with pytest.raises(ValueError, match="timeout must be"):
+            measure(MemoryJob(**JOB), timeout=timeout)
+        with pytest.raises(ValueError, match="job must be a MemoryJob"):
+            measure(JOB)
+    run.assert_not_called()
 
 
 # ---------------------------------------------------------------------------------------------
