@@ -420,9 +420,12 @@ class MultiScaleVQVAE(nn.Module):
             pixels = f_hat.shape[2] * f_hat.shape[3] * self.cfg.downsample**2
             chunk_size = max(1, DECODE_CHUNK_PIXELS // pixels)
         integer("chunk_size", chunk_size, low=1)
-        dtype = self.post_quant_conv.weight.dtype  # the decoder may run in bf16 (see sampling.set_precision)
+        # the decoder may be stored in bf16 and channels-last (see sampling.set_precision): feed it likewise
+        weight = self.decoder.conv_in.weight
+        layout = torch.channels_last if not weight.is_contiguous() else torch.contiguous_format
         chunks = [
-            self.decoder(self.post_quant_conv(part.to(dtype))).clamp(-1, 1) for part in f_hat.split(chunk_size)
+            self.decoder(self.post_quant_conv(part.to(weight.dtype).contiguous(memory_format=layout))).clamp(-1, 1)
+            for part in f_hat.split(chunk_size)
         ]
         return torch.cat(chunks)
 

@@ -189,3 +189,16 @@ def test_filter_logits_matches_the_definition(top_k, top_p):
         before = probs[order].cumsum(0) - probs[order]
         row[order[before >= top_p]] = float("-inf")
     assert torch.equal(filter_logits(logits, top_k, top_p), expected)
+
+
+def test_channels_last_decoder_decodes_the_same(tiny_tokenizer, tiny_transformer):
+    import copy
+
+    from mvar.sampling import set_precision
+
+    tokenizer, transformer = copy.deepcopy(tiny_tokenizer), copy.deepcopy(tiny_transformer)
+    set_precision(transformer, tokenizer, None)  # fp32, decoder stored channels-last
+    assert tokenizer.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    f_hat = torch.randn(3, tokenizer.cfg.latent_channels, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(tokenizer.decode(f_hat), tiny_tokenizer.decode(f_hat), atol=1e-5, rtol=1e-5)
