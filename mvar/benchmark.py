@@ -150,9 +150,19 @@ def training_steps(models: Models, mode: AttentionMode, batch: int, dtype, repea
     return {"average_step_seconds": average, "per_kind": per_kind, "analytic_flops_per_step": flops}
 
 
+def batches_for(args, measurement: str) -> list[int]:
+    """Batch sizes a measurement runs at: memory and training have their own lists (big batches are slow)."""
+    if measurement == "memory" and args.memory_batch_sizes:
+        return args.memory_batch_sizes
+    if measurement in ("train", "train-memory") and args.train_batch_sizes:
+        return args.train_batch_sizes
+    return args.batch_sizes
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     report = {"machine": machine_info(), "configs": [], "notes": []}
+    all_batches = sorted({b for m in args.measure for b in batches_for(args, m)})
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         peak = matmul_peak_flops(dtype, device)
@@ -162,62 +172,66 @@ def run(args) -> dict:
             set_precision(models.transformer, models.tokenizer, dtype)  # weights stored in the dtype measured
             if models.random_weights:
                 report["notes"].append(f"{preset}: random weights (speed and memory do not depend on the values)")
-            modes = {"VAR": AttentionMode.var(), "MVAR": AttentionMode.mvar(args.refine_step, args.kernel_size)}
-            for batch in args.batch_sizes:
-                entry = {"preset": preset, "batch": batch, "dtype": dtype_name, "cfg": args.cfg, "modes": {},
-                         "matmul_peak_flops": peak}
-                backend = resolve_backend("auto", device, models.transformer.cfg.patch_nums[-1] ** 2)
-                for name, mode in modes.items():
-                    cost = generation_cost(models.transformer.cfg, mode, batch, args.cfg, dtype_name,
-                                           windowed_as_dense=backend == "dense")
-                    entry["modes"][name] = {"analytic": {"flops": cost.flops, "kv_cache_bytes": cost.kv_cache_bytes,
-                                                         "peak_estimate_bytes": cost.peak_memory_estimate}}
-                if "latency" in args.measure:
-                    one_generation(models, modes["VAR"], batch, dtype, args.cfg)  # warm-up
-                    one_generation(models, modes["MVAR"], batch, dtype, args.cfg)
-                    runs = {name: [] for name in modes}
-                    for _ in range(args.repeats):  # alternate, so drift hits both alike
-                        for name, mode in modes.items():
-                            runs[name].append(one_generation(models, mode, batch, dtype, args.cfg))
-                    for name, results in runs.items():
-                        out = entry["modes"][name]
-                        out["latency_total"] = spread([r["total"] for r in results])
-                        out["latency_tokens"] = spread([r["tokens"] for r in results])
-                        out["latency_decode"] = spread([r["decode"] for r in results])
-                        out["first_preview"] = spread([r["first_preview"] for r in results])
-                        out["latency_per_scale"] = [statistics.median(r["per_scale"][s] for r in results)
-                                                    for s in range(len(results[0]["per_scale"]))]
-                        out["kv_cache_bytes_allocated"] = results[0]["kv_cache_bytes"]
-                if "flops" in args.measure:
-                    for name, mode in modes.items():
-                        counted = counted_generation_flops(models, mode, batch, dtype, args.cfg)
-                        out = entry["modes"][name]
-                        out["counted_flops"] = counted
-                        out["flops_error"] = (out["analytic"]["flops"] - counted) / counted
-                        if "latency_tokens" in out:
-                            out["achieved_flops_per_s"] = counted / out["latency_tokens"]["median"]
-                            out["fraction_of_matmul_peak"] = out["achieved_flops_per_s"] / peak
-                if "memory" in args.measure:
-                    for name in modes:
-                        job = MemoryJob(mode=name.lower(), batch=batch, dtype=dtype_name, cfg=args.cfg,
-                                        device=args.device, refine_step=args.refine_step,
-                                        kernel_size=args.kernel_size,
-                                        preset=None if not models.random_weights else preset,
-                                        tokenizer=models.tokenizer_path, transformer=models.transformer_path)
-                        entry["modes"][name]["peak_memory"] = measure(job)
-                if "train" in args.measure:
-                    for name, mode in modes.items():
-                        entry["modes"][name]["train"] = training_steps(models, mode, batch, dtype, args.repeats)
-                if "train-memory" in args.measure:
-                    for name in modes:
-                        job = MemoryJob(mode=name.lower(), batch=batch, dtype=dtype_name, device=args.device,
-                                        refine_step=args.refine_step, kernel_size=args.kernel_size, task="train",
-                                        preset=None if not models.random_weights else preset,
-                                        tokenizer=models.tokenizer_path, transformer=models.transformer_path)
-                        entry["modes"][name]["train_peak_memory"] = measure(job)
+            for batch in all_batches:
+                wanted = [m for m in args.measure if batch in batches_for(args, m)]
+                entry = measure_config(models, preset, batch, dtype_name, wanted, args, peak)
                 report["configs"].append(entry)
                 print_entry(entry)
     return report
+
+
+def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wanted: list[str], args,
+                   peak: float) -> dict:
+    """Every wanted measurement of one (preset, batch, dtype), VAR and MVAR side by side."""
+    dtype = DTYPES[dtype_name]
+    device = models.transformer.pos_1LC.device
+    modes = {"VAR": AttentionMode.var(), "MVAR": AttentionMode.mvar(args.refine_step, args.kernel_size)}
+    entry = {"preset": preset, "batch": batch, "dtype": dtype_name, "cfg": args.cfg, "modes": {},
+             "matmul_peak_flops": peak}
+    backend = resolve_backend("auto", device, models.transformer.cfg.patch_nums[-1] ** 2)
+    for name, mode in modes.items():
+        cost = generation_cost(models.transformer.cfg, mode, batch, args.cfg, dtype_name,
+                               windowed_as_dense=backend == "dense")
+        entry["modes"][name] = {"analytic": {"flops": cost.flops, "kv_cache_bytes": cost.kv_cache_bytes,
+                                             "peak_estimate_bytes": cost.peak_memory_estimate}}
+    if "latency" in wanted:
+        one_generation(models, modes["VAR"], batch, dtype, args.cfg)  # warm-up
+        one_generation(models, modes["MVAR"], batch, dtype, args.cfg)
+        runs = {name: [] for name in modes}
+        for _ in range(args.repeats):  # alternate, so drift hits both alike
+            for name, mode in modes.items():
+                runs[name].append(one_generation(models, mode, batch, dtype, args.cfg))
+        for name, results in runs.items():
+            out = entry["modes"][name]
+            out["latency_total"] = spread([r["total"] for r in results])
+            out["latency_tokens"] = spread([r["tokens"] for r in results])
+            out["latency_decode"] = spread([r["decode"] for r in results])
+            out["first_preview"] = spread([r["first_preview"] for r in results])
+            out["latency_per_scale"] = [statistics.median(r["per_scale"][s] for r in results)
+                                        for s in range(len(results[0]["per_scale"]))]
+            out["kv_cache_bytes_allocated"] = results[0]["kv_cache_bytes"]
+    if "flops" in wanted:
+        for name, mode in modes.items():
+            counted = counted_generation_flops(models, mode, batch, dtype, args.cfg)
+            out = entry["modes"][name]
+            out["counted_flops"] = counted
+            out["flops_error"] = (out["analytic"]["flops"] - counted) / counted
+            if "latency_tokens" in out:
+                out["achieved_flops_per_s"] = counted / out["latency_tokens"]["median"]
+                out["fraction_of_matmul_peak"] = out["achieved_flops_per_s"] / peak
+    files = {"preset": None if not models.random_weights else preset,
+             "tokenizer": models.tokenizer_path, "transformer": models.transformer_path}
+    memory_kinds = (("memory", "generate", "peak_memory"), ("train-memory", "train", "train_peak_memory"))
+    for measurement, task, key in memory_kinds:
+        if measurement in wanted:
+            for name in modes:
+                job = MemoryJob(mode=name.lower(), batch=batch, dtype=dtype_name, cfg=args.cfg, device=args.device,
+                                refine_step=args.refine_step, kernel_size=args.kernel_size, task=task, **files)
+                entry["modes"][name][key] = measure(job)
+    if "train" in wanted:
+        for name, mode in modes.items():
+            entry["modes"][name]["train"] = training_steps(models, mode, batch, dtype, args.repeats)
+    return entry
 
 
 def machine_info() -> dict:
@@ -272,7 +286,7 @@ def print_entry(entry: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def write_charts(report: dict, folder: Path) -> list[Path]:
+def write_charts(report: dict, folder: Path, png: bool = False) -> list[Path]:
     import plotly.graph_objects as go
 
     written = []
@@ -289,7 +303,8 @@ def write_charts(report: dict, folder: Path) -> list[Path]:
             if points:
                 memory.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
                                             name=f"{name} {preset} {dtype}", line=dict(dash=dash)))
-        last = entries[-1]
+        timed = [e for e in entries if "latency_per_scale" in e["modes"]["VAR"]]
+        last = timed[-1] if timed else entries[-1]
         for name in ("VAR", "MVAR"):
             if "latency_per_scale" in last["modes"][name]:
                 latency.add_trace(go.Bar(y=[t * 1000 for t in last["modes"][name]["latency_per_scale"]],
@@ -302,6 +317,9 @@ def write_charts(report: dict, folder: Path) -> list[Path]:
         path = folder / name
         figure.write_html(path, include_plotlyjs="cdn")
         written.append(path)
+        if png:
+            written.append(path.with_suffix(".png"))
+            figure.write_image(written[-1], width=900, height=500)
     return written
 
 
@@ -309,6 +327,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mvar.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["default"], help="default (assets/), d16, d20, ..., tiny")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--memory-batch-sizes", type=int, nargs="+", help="for memory (default: --batch-sizes)")
+    parser.add_argument("--train-batch-sizes", type=int, nargs="+",
+                        help="for train and train-memory (default: --batch-sizes)")
+    parser.add_argument("--png", action="store_true", help="also write the charts as PNG (needs kaleido and Chrome)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS))
@@ -318,14 +340,15 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or any(b < 1 for b in args.batch_sizes):
-        parser.error("--repeats and --batch-sizes must be positive")
+    sizes = args.batch_sizes + (args.memory_batch_sizes or []) + (args.train_batch_sizes or [])
+    if args.repeats < 1 or any(b < 1 for b in sizes):
+        parser.error("--repeats and the batch sizes must be positive")
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     report = run(args)
     report["arguments"] = {k: v for k, v in vars(args).items()}
     (folder / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
-    charts = write_charts(report, folder)
+    charts = write_charts(report, folder, png=args.png)
     for note in sorted(set(report["notes"])):
         print("note:", note)
     print(f"wrote {folder / 'benchmark.json'} and {', '.join(str(c) for c in charts)}")

@@ -6,12 +6,13 @@ from mvar import benchmark
 
 
 def test_benchmark_writes_json_and_charts(tmp_path):
-    benchmark.main(["--presets", "tiny", "--batch-sizes", "1", "--dtypes", "fp32", "--repeats", "1",
-                    "--out", str(tmp_path)])
+    benchmark.main(["--presets", "tiny", "--batch-sizes", "1", "--memory-batch-sizes", "1", "2", "--dtypes", "fp32",
+                    "--repeats", "1", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert report["matmul_peak_flops"]["fp32"] > 0
-    (entry,) = report["configs"]
+    entry, memory_only = report["configs"]
     assert entry["preset"] == "tiny" and entry["batch"] == 1
+    assert memory_only["batch"] == 2 and set(memory_only["modes"]["VAR"]) == {"analytic", "peak_memory"}
     var, mvar = entry["modes"]["VAR"], entry["modes"]["MVAR"]
     assert var["kv_cache_bytes_allocated"] == var["analytic"]["kv_cache_bytes"] > 0
     assert mvar["kv_cache_bytes_allocated"] == mvar["analytic"]["kv_cache_bytes"] == 0
