@@ -28,7 +28,7 @@ from mvar import checks
 from mvar.config import VAR_MODE, AttentionMode
 from mvar.costs import dtype_bytes, generation_cost
 from mvar.sample import to_uint8
-from mvar.sampling import SamplingConfig, generate_steps, normalize_seed
+from mvar.sampling import SamplingConfig, decode_to_unit, generate_steps, normalize_seed
 from mvar.schedule import ScaleSchedule
 
 from . import plots
@@ -217,10 +217,10 @@ def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, se
     streams = {
         "MVAR": generate_steps(mvar_transformer, tokenizer, [label] * num_images, seed, sampling,
                                models.mvar_mode, previews=True, capture_layers=layers,
-                               capture_queries=queries, max_batch=max_images),
+                               capture_queries=queries, max_batch=max_images, preview_samples=1),
         "VAR": generate_steps(var_transformer, tokenizer, [label] * num_images, seed, sampling,
                               VAR_MODE, previews=True, capture_layers=layers, capture_queries=queries,
-                              max_batch=max_images),
+                              max_batch=max_images, preview_samples=1),
     }
     runs = {name: ModelRun(mode=models.mvar_mode if name == "MVAR" else VAR_MODE) for name in streams}
     record = GenerationRecord(model_key, class_name, seed, patch_nums, layers, models.transformer.cfg.num_heads,
@@ -236,8 +236,9 @@ def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, se
             run.seconds.append(step.seconds)
             run.attention.append({layer: w[0].half() for layer, w in (step.attention or {}).items()})
             run.keys_begin.append(step.attention_keys_begin)
-            if scale == len(patch_nums) - 1:
-                run.finals = list(images)
+            if scale == len(patch_nums) - 1:  # the page streams the first image; all are decoded at the end
+                run.finals = [images[0]] + (list(to_uint8(decode_to_unit(tokenizer, step.f_hat[1:])))
+                                            if num_images > 1 else [])
             latest[name] = images[0]
             status = (f"scale {scale + 1}/{len(patch_nums)} ({step.side}x{step.side})  |  "
                       f"MVAR {sum(runs['MVAR'].seconds) * 1000:.0f} ms, VAR {sum(runs['VAR'].seconds) * 1000:.0f} ms"

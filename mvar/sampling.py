@@ -56,7 +56,7 @@ class ScaleStep:
     side: int
     tokens: torch.Tensor  # (B, side*side)
     f_hat: torch.Tensor  # (B, Cvae, h, w): accumulated map after this scale
-    preview: torch.Tensor | None  # (B, 3, H, W) in [0, 1], if previews were asked for
+    preview: torch.Tensor | None  # (B or preview_samples, 3, H, W) in [0, 1], if previews were asked for
     seconds: float  # wall time of this scale (transformer, sampling, accumulation, preview)
     attention: dict[int, torch.Tensor] | None = None  # layer -> (B, H, nq, Nk), conditional branch
     attention_queries: torch.Tensor | None = None  # (nq,) query positions within the scale
@@ -257,6 +257,7 @@ def generate_steps(
     capture_layers: Sequence[int] | None = None,
     capture_queries: Mapping[int, Sequence[int] | None] | None = None,
     max_batch: int = 64,
+    preview_samples: int | None = None,
 ) -> Iterator[ScaleStep]:
     """Generate B = len(labels) images, yielding after every scale.
 
@@ -264,6 +265,9 @@ def generate_steps(
     the transformer (None/float32 = full precision; bfloat16 on CPU, float16/bfloat16 on CUDA).
     capture_layers / capture_queries: record the attention weights of the chosen query tokens
     ({scale: token indices or None for all}) at the chosen layers, conditional branch only.
+    preview_samples: decode previews of the first n samples only (None = all); a 256 px decode
+    costs about as much as a whole scale of a d16 transformer, so a viewer showing one image
+    should not pay for the others.
     """
     cfg = transformer.cfg
     sampling = SamplingConfig() if sampling is None else sampling
@@ -275,6 +279,8 @@ def generate_steps(
                          f"got {checks.shown(mode)} ({type(mode).__name__})")
     _check_dtype(dtype)
     previews = checks.boolean("previews", previews)
+    if preview_samples is not None:
+        preview_samples = checks.integer("preview_samples", preview_samples, low=1)
     max_batch = checks.integer("max_batch", max_batch, low=1)
     labels, seeds = _check_batch(labels, seeds, cfg.num_classes, max_batch)
     if tokenizer.cfg.patch_nums != cfg.patch_nums:
@@ -330,7 +336,7 @@ def generate_steps(
         preview = None
         if previews:
             with _autocast(device, dtype):
-                preview = decode_to_unit(tokenizer, f_hat)
+                preview = decode_to_unit(tokenizer, f_hat[:preview_samples])
         attention = None
         if capture is not None:
             attention = {layer: w[:batch].float() for layer, w in capture.weights.items()}

@@ -202,3 +202,14 @@ def test_channels_last_decoder_decodes_the_same(tiny_tokenizer, tiny_transformer
     f_hat = torch.randn(3, tokenizer.cfg.latent_channels, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(tokenizer.decode(f_hat), tiny_tokenizer.decode(f_hat), atol=1e-5, rtol=1e-5)
+
+
+def test_previews_of_the_first_samples_only(tiny_transformer, tiny_tokenizer):
+    steps = list(generate_steps(tiny_transformer, tiny_tokenizer, [0, 1, 2], seeds=5, sampling=SETTINGS,
+                                mode=MVAR_MODE, previews=True, preview_samples=1))
+    assert all(s.preview.shape == (1, 3, 64, 64) for s in steps)
+    full = list(generate_steps(tiny_transformer, tiny_tokenizer, [0, 1, 2], seeds=5, sampling=SETTINGS,
+                               mode=MVAR_MODE, previews=True))
+    torch.testing.assert_close(steps[-1].preview[0], full[-1].preview[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="preview_samples"):
+        next(generate_steps(tiny_transformer, tiny_tokenizer, [0], previews=True, preview_samples=0))
