@@ -124,9 +124,9 @@ def training_step(model, optimizer, data: TrainingBatch, mode, first: int, last:
         logits = model(data.labels, data.inputs, mode, first, last)
     target = data.targets[:, schedule.begin(first) : schedule.end(last)]
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), label_smoothing=0.1)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the gradients are not kept alive through the next forward
     return loss.item()
 
 

@@ -200,10 +200,10 @@ def main(argv=None) -> None:
         l1 = (reconstruction - images).abs().mean()
         l2 = F.mse_loss(reconstruction, images)
         loss = args.l1_weight * l1 + args.l2_weight * l2 + args.vq_weight * vq_loss
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
         if ema is not None:
             ema.update(model)
         usage.add(tokens)

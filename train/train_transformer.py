@@ -233,10 +233,10 @@ def main(argv=None) -> None:
             logits = ddp(labels, inputs, mode, first, last)
         targets = flat[:, schedule.begin(first) : schedule.end(last)]
         loss, per_scale = scale_losses(logits.float(), targets, first, schedule, args.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
         if ema is not None:
             ema.update(model)
         step += 1
