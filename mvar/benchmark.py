@@ -102,12 +102,13 @@ def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: 
 
 
 def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> float:
-    """Time from the call until the first scale's decoded preview is in hand (what the app streams first)."""
+    """Time from the call until the first scale's decoded preview is in hand (what the app streams first;
+    like the app, only the first sample is previewed)."""
     labels = [i % models.transformer.cfg.num_classes for i in range(batch)]
     sampling = SamplingConfig(cfg=1.5 if cfg else 0.0, top_k=min(900, models.transformer.cfg.vocab_size), top_p=0.96)
     started = time.perf_counter()
     steps = generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, previews=True,
-                           dtype=dtype, max_batch=4096)
+                           dtype=dtype, max_batch=4096, preview_samples=1)
     first = next(steps)
     seconds = time.perf_counter() - started
     steps.close()
@@ -310,8 +311,8 @@ def write_charts(report: dict, folder: Path, png: bool = False) -> list[Path]:
                 latency.add_trace(go.Bar(y=[t * 1000 for t in last["modes"][name]["latency_per_scale"]],
                                          x=[f"s{i}" for i in range(len(last["modes"][name]["latency_per_scale"]))],
                                          name=f"{name} {preset} {dtype} batch {last['batch']}"))
-    memory.update_layout(title="Peak memory against batch size (measured)", xaxis_title="batch",
-                         yaxis_title="MiB above the loaded weights")
+    memory.update_layout(title="Peak memory of generation against batch size (measured, CFG on)",
+                         xaxis_title="batch", yaxis_title="MiB above the loaded weights", yaxis_type="log")
     latency.update_layout(title="Latency per scale (median)", yaxis_title="ms", barmode="group")
     for figure, name in ((memory, "memory_vs_batch.html"), (latency, "latency_per_scale.html")):
         path = folder / name
