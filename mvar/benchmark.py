@@ -199,9 +199,12 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
         one_generation(models, modes["VAR"], batch, dtype, args.cfg)  # warm-up
         one_generation(models, modes["MVAR"], batch, dtype, args.cfg)
         runs = {name: [] for name in modes}
-        for _ in range(args.repeats):  # alternate, so drift hits both alike
+        peaks = []
+        for _ in range(args.repeats):  # alternate, so drift hits both alike (and the matmul peak too)
+            peaks.append(matmul_peak_flops(dtype, device, repeats=3))
             for name, mode in modes.items():
                 runs[name].append(one_generation(models, mode, batch, dtype, args.cfg))
+        entry["matmul_peak_flops"] = peak = statistics.median(peaks)
         for name, results in runs.items():
             out = entry["modes"][name]
             out["latency_total"] = spread([r["total"] for r in results])
@@ -287,6 +290,37 @@ def print_entry(entry: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def markdown_table(report: dict) -> str:
+    """The report as a Markdown table, one row per configuration (what README's Performance shows)."""
+
+    def pair(entry: dict, key: str, fmt) -> str:
+        var, mvar = entry["modes"]["VAR"].get(key), entry["modes"]["MVAR"].get(key)
+        if var is None or mvar is None:
+            return ""
+        v, m = fmt(var), fmt(mvar)
+        return f"{number(v)} / {number(m)} ({m / v:.2f}x)"
+
+    def number(value: float) -> str:
+        return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+    median = lambda out: out["median"]  # noqa: E731 - one-line accessors read best inline
+    mib = lambda out: out["peak_bytes"] / 2**20  # noqa: E731
+    rows = ["| preset | batch | dtype | latency s, tokens+decode | first preview s | peak memory MiB | "
+            "train step s (cycle avg) | train peak MiB | FLOPs vs model | throughput / matmul peak |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for entry in report["configs"]:
+        var, mvar = entry["modes"]["VAR"], entry["modes"]["MVAR"]
+        flops = (f"{var['flops_error']:+.2%} / {mvar['flops_error']:+.2%}" if "flops_error" in var else "")
+        share = (f"{var['fraction_of_matmul_peak']:.0%} / {mvar['fraction_of_matmul_peak']:.0%}"
+                 if "fraction_of_matmul_peak" in var else "")
+        train = pair(entry, "train", lambda out: out["average_step_seconds"])
+        rows.append(f"| {entry['preset']} | {entry['batch']} | {entry['dtype']} | "
+                    f"{pair(entry, 'latency_total', median)} | {pair(entry, 'first_preview', median)} | "
+                    f"{pair(entry, 'peak_memory', mib)} | {train} | {pair(entry, 'train_peak_memory', mib)} | "
+                    f"{flops} | {share} |")
+    return "\n".join(rows) + "\n\nEach cell: VAR / MVAR (MVAR's ratio to VAR).\n"
+
+
 def write_charts(report: dict, folder: Path, png: bool = False) -> list[Path]:
     import plotly.graph_objects as go
 
@@ -350,9 +384,11 @@ def main(argv=None) -> None:
     report["arguments"] = {k: v for k, v in vars(args).items()}
     (folder / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
     charts = write_charts(report, folder, png=args.png)
+    (folder / "summary.md").write_text(markdown_table(report))
+    print(markdown_table(report))
     for note in sorted(set(report["notes"])):
         print("note:", note)
-    print(f"wrote {folder / 'benchmark.json'} and {', '.join(str(c) for c in charts)}")
+    print(f"wrote {folder / 'benchmark.json'}, {folder / 'summary.md'} and {', '.join(str(c) for c in charts)}")
 
 
 if __name__ == "__main__":

@@ -25,5 +25,8 @@ def test_benchmark_writes_json_and_charts(tmp_path):
     assert set(mvar["train"]["per_kind"]) == {"0-7", "8-8", "9-9"} and set(var["train"]["per_kind"]) == {"0-9"}
     assert [k["weight"] for k in mvar["train"]["per_kind"].values()] == [8, 1, 1]
     assert any("random weights" in note for note in report["notes"])
+    summary = (tmp_path / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("| preset |") and summary[2].startswith("| tiny | 1 | fp32 | ")
+    assert summary[3].startswith("| tiny | 2 | fp32 |  |  | ")  # memory only at batch 2
     for chart in ("memory_vs_batch.html", "latency_per_scale.html"):
         assert "plotly" in (tmp_path / chart).read_text().lower()
