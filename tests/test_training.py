@@ -451,3 +451,25 @@ def test_non_positive_intervals_are_refused_up_front(flag, capsys):
     with pytest.raises(SystemExit):
         train_transformer.parse_args(["--run-dir", "/tmp/unused", flag, "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_export_checkpoint_takes_the_newest_checkpoint_of_an_unfinished_run(tokenizer_run, uninterrupted, tmp_path):
+    """export_checkpoint turns a run's newest checkpoint into a loadable file with an honest card."""
+    import shutil
+
+    from train import export_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted("mvar"), run_dir)
+    (run_dir / "checkpoints" / f"step-{STEPS:07d}.pt").unlink()  # as if the run had stopped at step 6
+    out = tmp_path / "exported.safetensors"
+    with one_thread():
+        export_checkpoint.main(["--run-dir", str(run_dir), "--out", str(out)])
+    loaded = load_model(out, expect="transformer")
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["steps"] == STEPS - 2 and card["planned_steps"] == STEPS and card["stopped_early"]
+    assert card["trained_mode"] == "mvar" and math.isfinite(card["val_loss"])
+    assert loaded.extra["attention"] == {"refine_step": 8, "kernel_size": 7}
+    assert len(loaded.extra["class_names"]) == NULL_CLASS
+    with pytest.raises(SystemExit, match="no readable checkpoint"):
+        export_checkpoint.main(["--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.safetensors")])
