@@ -244,7 +244,6 @@ def _check_capture_queries(capture_queries, patch_nums: Sequence[int]) -> dict[i
     return checked
 
 
-@torch.no_grad()
 def generate_steps(
     transformer: ScaleTransformer,
     tokenizer: MultiScaleVQVAE,
@@ -267,7 +266,7 @@ def generate_steps(
     ({scale: token indices or None for all}) at the chosen layers, conditional branch only.
     preview_samples: decode previews of the first n samples only (None = all); a 256 px decode
     costs about as much as a whole scale of a d16 transformer, so a viewer showing one image
-    should not pay for the others.
+    should not pay for the others. Arguments are checked here, when called, not at the first step.
     """
     cfg = transformer.cfg
     sampling = SamplingConfig() if sampling is None else sampling
@@ -292,9 +291,18 @@ def generate_steps(
         raise ValueError("tokenizer and transformer disagree on vocab_size or latent_channels")
     layers = _check_capture_layers(capture_layers, cfg.depth)
     capture_queries = _check_capture_queries(capture_queries, cfg.patch_nums)
-
-    device = transformer.pos_1LC.device
     dtype = compute_dtype(transformer, dtype)
+    return _scale_steps(transformer, tokenizer, labels, seeds, sampling, mode, previews, dtype, layers,
+                        capture_queries, preview_samples)
+
+
+@torch.no_grad()
+def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labels: list[int], seeds: list[int],
+                 sampling: SamplingConfig, mode: AttentionMode, previews: bool, dtype, layers: tuple[int, ...],
+                 capture_queries, preview_samples: int | None) -> Iterator[ScaleStep]:
+    """The generation loop of :func:`generate_steps`, on checked arguments."""
+    cfg = transformer.cfg
+    device = transformer.pos_1LC.device
     schedule = transformer.schedule
     batch = len(labels)
     guided = sampling.cfg > 0

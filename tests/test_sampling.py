@@ -213,3 +213,10 @@ def test_previews_of_the_first_samples_only(tiny_transformer, tiny_tokenizer):
     torch.testing.assert_close(steps[-1].preview[0], full[-1].preview[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="preview_samples"):
         next(generate_steps(tiny_transformer, tiny_tokenizer, [0], previews=True, preview_samples=0))
+
+
+def test_arguments_are_checked_when_called_not_at_the_first_step(tiny_transformer, tiny_tokenizer):
+    with pytest.raises(ValueError, match="top_p"):
+        generate_steps(tiny_transformer, tiny_tokenizer, [0], sampling=SamplingConfig(top_p=2.0))  # no next()
+    with pytest.raises(ValueError, match="class id"):
+        generate_steps(tiny_transformer, tiny_tokenizer, [99])
