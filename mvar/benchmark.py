@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 
 from .attention import resolve_backend
-from .config import AttentionMode, get_preset
+from .config import AttentionMode
 from .costs import flop_counter, generation_cost, teacher_forced_flops
-from .memory import MemoryJob, TrainingBatch, measure, training_step
-from .sampling import SamplingConfig, decode_to_unit, generate_steps, set_precision
+from .memory import DTYPES, MemoryJob, TrainingBatch, benchmark_request, measure, random_models, training_step
+from .sampling import decode_to_unit, generate_steps, set_precision
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEASUREMENTS = ("latency", "memory", "flops", "train", "train-memory")
 
 
@@ -56,13 +55,7 @@ def load_models(name: str, device: torch.device) -> Models:
         transformer = load_model(transformer_path, device, expect="transformer").model
         return Models(name, tokenizer.requires_grad_(False), transformer.requires_grad_(False), False,
                       str(tokenizer_path), str(transformer_path))
-    preset = get_preset(name)
-    tokenizer = MultiScaleVQVAE.empty(preset.tokenizer, device)
-    transformer = ScaleTransformer.empty(preset.transformer, device)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in list(tokenizer.parameters()) + list(transformer.parameters()):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    tokenizer, transformer = random_models(name, device)
     return Models(name, tokenizer.eval().requires_grad_(False), transformer.eval().requires_grad_(False), True)
 
 
@@ -87,14 +80,12 @@ def matmul_peak_flops(dtype: torch.dtype | None, device: torch.device, size: int
 
 
 def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> dict:
-    labels = [i % models.transformer.cfg.num_classes for i in range(batch)]
-    sampling = SamplingConfig(cfg=1.5 if cfg else 0.0, top_k=min(900, models.transformer.cfg.vocab_size), top_p=0.96)
+    labels, sampling = benchmark_request(models.transformer.cfg, batch, cfg)
     started = time.perf_counter()
     steps = list(generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
                                 max_batch=4096))
     tokens_seconds = time.perf_counter() - started
-    with torch.autocast(models.transformer.pos_1LC.device.type, dtype=dtype, enabled=dtype is not None):
-        decode_to_unit(models.tokenizer, steps[-1].f_hat)
+    decode_to_unit(models.tokenizer, steps[-1].f_hat)  # in the decoder's stored dtype
     total = time.perf_counter() - started
     return {"total": total, "tokens": tokens_seconds, "decode": total - tokens_seconds,
             "per_scale": [s.seconds for s in steps], "kv_cache_bytes": max(s.kv_cache_bytes for s in steps),
@@ -104,8 +95,7 @@ def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: 
 def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> float:
     """Time from the call until the first scale's decoded preview is in hand (what the app streams first;
     like the app, only the first sample is previewed)."""
-    labels = [i % models.transformer.cfg.num_classes for i in range(batch)]
-    sampling = SamplingConfig(cfg=1.5 if cfg else 0.0, top_k=min(900, models.transformer.cfg.vocab_size), top_p=0.96)
+    labels, sampling = benchmark_request(models.transformer.cfg, batch, cfg)
     started = time.perf_counter()
     steps = generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, previews=True,
                            dtype=dtype, max_batch=4096, preview_samples=1)
@@ -119,8 +109,7 @@ def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype
 def counted_generation_flops(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> int:
     """FLOPs of the token generation (no decode) counted on a real run."""
     counter = flop_counter()
-    labels = [i % models.transformer.cfg.num_classes for i in range(batch)]
-    sampling = SamplingConfig(cfg=1.5 if cfg else 0.0, top_k=0, top_p=1.0)
+    labels, sampling = benchmark_request(models.transformer.cfg, batch, cfg)
     with counter:
         list(generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
                             max_batch=4096))

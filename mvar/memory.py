@@ -21,6 +21,31 @@ import torch
 from . import checks
 
 ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def random_models(preset_name: str, device, seed: int = 0):
+    """(tokenizer, transformer) of a preset with random weights: speed and memory do not depend on the values."""
+    from .config import get_preset
+    from .tokenizer import MultiScaleVQVAE
+    from .transformer import ScaleTransformer
+
+    preset = get_preset(preset_name)
+    tokenizer = MultiScaleVQVAE.empty(preset.tokenizer, device)
+    transformer = ScaleTransformer.empty(preset.transformer, device)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in list(tokenizer.parameters()) + list(transformer.parameters()):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return tokenizer, transformer
+
+
+def benchmark_request(transformer_cfg, batch: int, guided: bool):
+    """(labels, SamplingConfig) every measured generation uses: classes in turn, VAR's top-k/top-p."""
+    from .sampling import SamplingConfig
+
+    labels = [i % transformer_cfg.num_classes for i in range(batch)]
+    return labels, SamplingConfig(cfg=1.5 if guided else 0.0, top_k=min(900, transformer_cfg.vocab_size), top_p=0.96)
 
 
 @dataclass(frozen=True)
@@ -131,22 +156,12 @@ def training_step(model, optimizer, data: TrainingBatch, mode, first: int, last:
 
 
 def _build_models(job: MemoryJob, device: torch.device):
-    from .checkpoints import load_any
-    from .config import get_preset
-    from .tokenizer import MultiScaleVQVAE
-    from .transformer import ScaleTransformer
-
     if job.preset:
-        preset = get_preset(job.preset)
-        tokenizer = MultiScaleVQVAE.empty(preset.tokenizer, device)
-        transformer = ScaleTransformer.empty(preset.transformer, device)
-        with torch.no_grad():
-            for p in list(tokenizer.parameters()) + list(transformer.parameters()):
-                p.normal_(0, 0.02)
-    else:
-        tokenizer = load_any(job.tokenizer, "tokenizer", device=device).model
-        transformer = load_any(job.transformer, "transformer", device=device).model
-    return tokenizer, transformer
+        return random_models(job.preset, device)
+    from .checkpoints import load_any
+
+    return (load_any(job.tokenizer, "tokenizer", device=device).model,
+            load_any(job.transformer, "transformer", device=device).model)
 
 
 def _start_measuring(device: torch.device) -> int:
@@ -181,7 +196,7 @@ def run_training_job(job: MemoryJob) -> dict:
     model = _build_models(job, device)[1].train().requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[job.dtype]
+    dtype = DTYPES[job.dtype]
     data = TrainingBatch.random(model.cfg, job.batch, device=device)
     kinds = sorted(set(mode.training_cycle(model.schedule.num_scales, job.ratio_k)))
     for first, last in kinds:  # warm-up: allocates AdamW's state
@@ -201,17 +216,16 @@ def run_job(job: MemoryJob) -> dict:
     if job.task == "train":
         return run_training_job(job)
     from .config import AttentionMode
-    from .sampling import SamplingConfig, decode_to_unit, generate_steps, set_precision
+    from .sampling import decode_to_unit, generate_steps, set_precision
 
     device = torch.device(job.device)
     tokenizer, transformer = _build_models(job, device)
     tokenizer.eval().requires_grad_(False)
     transformer.eval().requires_grad_(False)
     mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[job.dtype]
+    dtype = DTYPES[job.dtype]
     set_precision(transformer, tokenizer, dtype)
-    sampling = SamplingConfig(cfg=1.5 if job.cfg else 0.0, top_k=min(900, transformer.cfg.vocab_size), top_p=0.96)
-    labels = [i % transformer.cfg.num_classes for i in range(job.batch)]
+    labels, sampling = benchmark_request(transformer.cfg, job.batch, job.cfg)
 
     baseline = _start_measuring(device)
     steps = list(generate_steps(transformer, tokenizer, labels, 0, sampling, mode, max_batch=4096))

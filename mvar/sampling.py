@@ -322,11 +322,8 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
         started = time.perf_counter()
         capture = None
         if capture_queries is not None and scale in capture_queries:
-            chosen = capture_queries[scale]
-            query_index = None if chosen is None else torch.as_tensor(list(chosen), dtype=torch.long)
-            if query_index is not None and (query_index.numel() == 0 or
-                                            int(query_index.min()) < 0 or int(query_index.max()) >= side * side):
-                raise ValueError(f"query tokens of scale {scale} must be in 0..{side * side - 1}")
+            chosen = capture_queries[scale]  # checked by generate_steps
+            query_index = None if chosen is None else torch.tensor(chosen, dtype=torch.long)
             capture = AttentionCapture(layers=layers, queries=query_index)
 
         with _autocast(device, dtype):
