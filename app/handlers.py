@@ -38,9 +38,6 @@ from .registry import LoadedModels, ModelRegistry
 MAX_IMAGES = 4  # default limit of images per generation (generate_frames' max_images)
 CAPTURE_BUDGET_BYTES = 64 * 2**20  # per model and generation; beyond it only some layers are captured
 CFG_MAX = 100.0  # SamplingConfig's own bound
-# The most likely token has probability >= 1/vocab (> 1e-6), so a smaller top_p keeps it alone anyway;
-# far smaller ones (< ~1e-45) round to 0 in float32 and the sampler drops every token (NaN images).
-TOP_P_MIN = 1e-6
 MAX_ANALYSIS_SAMPLES = 16
 MAX_COST_BATCH = 4096  # analytic costs only: no memory is allocated, but plots need sane axes
 MAX_MEASURED_BATCH = 64  # each measured batch runs a real generation in a subprocess
@@ -157,7 +154,7 @@ def parse_settings(models: LoadedModels, class_name, seed, cfg, top_k, top_p, sm
     sampling = SamplingConfig(
         cfg=_number("cfg", cfg, 0, CFG_MAX),
         top_k=_whole("top_k", top_k, 0, vocab),
-        top_p=_number("top_p", top_p, TOP_P_MIN, 1),
+        top_p=_number("top_p", top_p, 0, 1, low_open=True),
         smooth=_user_errors(checks.boolean, "smooth", smooth),
     )
     _user_errors(sampling.validate, vocab)  # the library's own checks, should they ever be stricter

@@ -14,8 +14,6 @@ Please try again.")``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import inspect
 import logging
@@ -28,6 +26,7 @@ import gradio as gr
 import torch
 
 from mvar.config import MVAR_MODE, PRESETS, VAR_MODE
+from mvar.memory import release_freed_memory
 
 from . import handlers, plots
 from .handlers import GenerationRecord, UserError
@@ -158,24 +157,6 @@ class GenerationStore:
         session, _, _ = self._records.pop(token)
         if self._latest.get(session) == token:
             del self._latest[session]
-
-
-def _load_libc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
-
-
-def return_free_memory() -> None:
-    """Hand memory freed by a finished generation back to the system (glibc keeps it otherwise)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def display(image):
@@ -311,7 +292,7 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
                                gr.update(choices=layers, value="mean"), gr.update(choices=heads, value="mean"))
             finally:
                 frames.close()
-                return_free_memory()
+                release_freed_memory()
 
         # concurrency: the queue's default_concurrency_limit (--concurrency), shared with analysis and memory
         run.click(readable_errors(on_generate, time_limit),
@@ -391,7 +372,7 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
 
         def on_close(request: gr.Request):
             store.drop_session(request.session_hash)
-            return_free_memory()
+            release_freed_memory()
 
         demo.unload(on_close)
     return demo

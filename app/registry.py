@@ -73,7 +73,8 @@ class LoadedModels:
                 tokenizer, transformer = copy.deepcopy(self.tokenizer), copy.deepcopy(self.transformer)
                 var = transformer if self.var_transformer is self.transformer else copy.deepcopy(self.var_transformer)
                 set_precision(transformer, tokenizer, dtype)
-                set_precision(var, tokenizer, dtype)
+                if var is not transformer:
+                    var.to(dtype)
                 self.cache[key] = (tokenizer, transformer, var)
             return self.cache[key]
 

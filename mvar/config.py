@@ -176,6 +176,7 @@ class AttentionMode:
         VAR trains every scale at every iteration. MVAR's "parallel" schedule: ``ratio_k`` joint
         iterations over the early scales, then one iteration per windowed scale alone.
         """
+        num_scales, ratio_k = integer("num_scales", num_scales, low=1), integer("ratio_k", ratio_k, low=1)
         if not self.markov:
             return ((0, num_scales - 1),)
         windowed = tuple((s, s) for s in range(self.refine_step, num_scales))

@@ -9,6 +9,9 @@ is used instead. These are measurements; the analytic model lives in ``costs.py`
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import subprocess
@@ -111,14 +114,23 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _release_freed_memory() -> None:
-    """Hand memory freed while loading (e.g. fp32 weights cast to bf16) back to the kernel, so the
-    baseline holds only live data and generation cannot hide its peak in those freed pages."""
-    import contextlib
-    import ctypes
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)
 
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline may keep some freed pages
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the kernel (glibc keeps it otherwise): a baseline then
+    holds only live data, and a server's resident size falls back after a request."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -169,7 +181,7 @@ def _start_measuring(device: torch.device) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    _release_freed_memory()
+    release_freed_memory()
     baseline = _read_status_kib("VmRSS") * 1024
     _reset_peak_rss()
     return baseline

@@ -165,12 +165,17 @@ def test_downloads_are_pngs(record):
     assert len(paths) == 4 and all(p.endswith(".png") for p in paths)
 
 
-def test_memory_measured_in_subprocesses_and_analytic(registry):
+def test_memory_measured_in_subprocesses_and_analytic(registry, monkeypatch):
     models = registry.load("tiny")
     measured = handlers.measured_memory_mib(models, [1, 2])
     assert set(measured) == {"VAR", "MVAR"} and all(set(v) >= {1, 2} for v in measured.values())
     assert all(value > 0 for v in measured.values() for value in v.values())
-    assert handlers.measured_memory_mib(models, [1]) is measured  # cached per loaded model
+    jobs = []
+    monkeypatch.setattr("mvar.memory.measure", lambda job: jobs.append(job) or {"peak_bytes": 2**20})
+    handlers.measured_memory_mib(models, [1, 2])
+    assert jobs == []  # cached per loaded model: nothing measured again
+    handlers.measured_memory_mib(models, [3])
+    assert sorted(job.mode for job in jobs) == ["mvar", "var"] and {job.batch for job in jobs} == {3}
     from mvar.config import MVAR_MODE, VAR_MODE
     var = handlers.analytic_memory_mib(models.transformer.cfg, VAR_MODE)
     mvar = handlers.analytic_memory_mib(models.transformer.cfg, MVAR_MODE)

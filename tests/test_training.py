@@ -80,6 +80,14 @@ def test_iteration_scales_var_is_always_every_scale():
     assert {iteration_scales(step, AttentionMode.var(), 10, ratio_k=8) for step in range(50)} == {(0, 9)}
 
 
+def test_a_cycle_without_joint_iterations_is_refused(capsys):
+    with pytest.raises(ValueError, match="ratio_k"):
+        AttentionMode.mvar().training_cycle(10, ratio_k=0)
+    with pytest.raises(SystemExit):
+        train_transformer.parse_args(["--run-dir", "x", "--tokenizer", "t", "--ratio-k", "0"])
+    assert "--ratio-k must be at least 1" in capsys.readouterr().err
+
+
 def test_iteration_scales_edge_cases():
     # ratio_k 2: two joint iterations, then each windowed scale once
     mode = AttentionMode.mvar(refine_step=8)
@@ -471,5 +479,10 @@ def test_export_checkpoint_takes_the_newest_checkpoint_of_an_unfinished_run(toke
     assert card["trained_mode"] == "mvar" and math.isfinite(card["val_loss"])
     assert loaded.extra["attention"] == {"refine_step": 8, "kernel_size": 7}
     assert len(loaded.extra["class_names"]) == NULL_CLASS
+    state = RunFolder(run_dir).load_latest()  # the step-6 checkpoint: its EMA weights if it kept them
+    expected = state["ema"] if state.get("ema") else state["model"]
+    exported = loaded.model.state_dict()
+    for name, value in state["model"].items():
+        torch.testing.assert_close(exported[name].float(), expected.get(name, value).bfloat16().float())
     with pytest.raises(SystemExit, match="no readable checkpoint"):
         export_checkpoint.main(["--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.safetensors")])

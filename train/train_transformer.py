@@ -90,6 +90,8 @@ def parse_args(argv=None) -> TransformerTraining:
                                         __doc__.split("\n")[0], argv)
     if args.mode not in ("var", "mvar"):
         parser.error(f"--mode must be var or mvar, got {args.mode}")
+    if args.ratio_k < 1:
+        parser.error(f"--ratio-k must be at least 1 (joint iterations per cycle), got {args.ratio_k}")
     return args
 
 
