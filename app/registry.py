@@ -207,9 +207,7 @@ class ModelRegistry:
         if not names:
             names = IMAGENET_CLASSES if transformer.cfg.num_classes == 1000 else [
                 f"class {i}" for i in range(transformer.cfg.num_classes)]
-        attention = mvar.extra.get("attention", {})
-        mode = AttentionMode.mvar(refine_step=attention.get("refine_step", 8),
-                                  kernel_size=attention.get("kernel_size", 7))
+        mode = AttentionMode.mvar_from_extra(mvar.extra)
         sampling = {**VAR_SAMPLING, **entry.sampling, **mvar.extra.get("sampling_defaults", {})}
         sampling["top_k"] = min(int(sampling["top_k"]), transformer.cfg.vocab_size)  # 900 means nothing at vocab 32
         return LoadedModels(entry, tokenizer, transformer, var_model, list(names), sampling, mode)

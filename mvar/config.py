@@ -193,6 +193,19 @@ class AttentionMode:
     def mvar(cls, refine_step: int = 8, kernel_size: int = 7, backend: str = "auto") -> AttentionMode:
         return cls(markov=True, refine_step=refine_step, kernel_size=kernel_size, backend=backend)
 
+    @classmethod
+    def mvar_from_extra(cls, extra: dict, refine_step: int | None = None, kernel_size: int | None = None
+                        ) -> AttentionMode:
+        """MVAR attention as a checkpoint was trained with (its ``extra["attention"]``), unless overridden;
+        the official defaults where the file says nothing."""
+        saved = extra.get("attention") if isinstance(extra, dict) else None
+        saved = saved if isinstance(saved, dict) else {}
+        default = cls.mvar()
+        return cls.mvar(
+            refine_step=refine_step if refine_step is not None else saved.get("refine_step", default.refine_step),
+            kernel_size=kernel_size if kernel_size is not None else saved.get("kernel_size", default.kernel_size),
+        )
+
 
 VAR_MODE = AttentionMode.var()
 MVAR_MODE = AttentionMode.mvar()

@@ -220,3 +220,13 @@ def test_kv_cache_dtype_must_be_a_float_dtype(tiny_transformer):
     for dtype in ("bf16", torch.int64, torch.bool):
         with pytest.raises(ValueError, match="dtype must be None or a floating-point"):
             tiny_transformer.new_kv_cache(2, dtype)
+
+
+def test_mvar_mode_from_a_files_extra():
+    from mvar.config import AttentionMode
+
+    assert AttentionMode.mvar_from_extra({}) == AttentionMode.mvar()
+    saved = {"attention": {"refine_step": 6, "kernel_size": 5}}
+    assert AttentionMode.mvar_from_extra(saved) == AttentionMode.mvar(6, 5)
+    assert AttentionMode.mvar_from_extra(saved, kernel_size=9) == AttentionMode.mvar(6, 9)
+    assert AttentionMode.mvar_from_extra({"attention": "junk"}) == AttentionMode.mvar()

@@ -54,9 +54,7 @@ def main(argv=None) -> None:
     loaded = load_model(args.transformer, expect="transformer")
     transformer = loaded.model
     classifier = load_classifier(args.classifier).model
-    attention = loaded.extra.get("attention", {})
-    mode = AttentionMode.var() if args.mode == "var" else AttentionMode.mvar(
-        attention.get("refine_step", 8), attention.get("kernel_size", 7))
+    mode = AttentionMode.var() if args.mode == "var" else AttentionMode.mvar_from_extra(loaded.extra)
     real = real_statistics(classifier, args.num_real, seed=args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     results = []

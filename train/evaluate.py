@@ -280,11 +280,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def mvar_mode(args: argparse.Namespace, extra: dict) -> AttentionMode:
     """MVAR attention from the flags, else from the transformer file's training settings, else the defaults."""
-    saved = extra.get("attention", {}) if isinstance(extra.get("attention"), dict) else {}
-    defaults = AttentionMode.mvar()
-    refine = args.refine_step if args.refine_step is not None else saved.get("refine_step", defaults.refine_step)
-    kernel = args.kernel_size if args.kernel_size is not None else saved.get("kernel_size", defaults.kernel_size)
-    return AttentionMode.mvar(refine_step=int(refine), kernel_size=int(kernel))
+    return AttentionMode.mvar_from_extra(extra, args.refine_step, args.kernel_size)
 
 
 def format_table(report: dict) -> str:
