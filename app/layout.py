@@ -326,8 +326,8 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
             readable_errors(on_attention), attention_inputs, attention_outputs)
 
         def on_analyse(key, n, progress=gr.Progress()):  # noqa: B008 - Gradio injects progress this way
-            models = registry.load(key)
-            stats = handlers.attention_statistics(models, int(n), progress=progress)
+            models = handlers.load_models(registry, key)
+            stats = handlers.attention_statistics(models, n, progress=progress)  # it checks n
             return (plots.mass_by_distance_figure(stats.mass_by_distance),
                     plots.window_mass_figure(list(stats.window_sizes), stats.mass_in_window,
                                              models.mvar_mode.kernel_size))
@@ -336,7 +336,7 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
                       concurrency_id="generate")
 
         def on_costs(key, token):
-            models = registry.load(key)
+            models = handlers.load_models(registry, key)
             try:
                 rec = store.get(token)
             except UserError:
@@ -349,18 +349,18 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
                     plots.per_scale_bars(latency, "Latency per scale (measured, last generation)", "ms")
                     if latency else None)
 
+        # the official sizes' analytic curves do not depend on anything the page sends
+        presets = {name: {"VAR": handlers.analytic_memory_mib(PRESETS[name].transformer, VAR_MODE, dtype="bf16"),
+                          "MVAR": handlers.analytic_memory_mib(PRESETS[name].transformer, MVAR_MODE, dtype="bf16")}
+                   for name in ("d16", "d20", "d24", "d30")}
+
         def on_memory(key, batches, dtype_name, progress=gr.Progress()):  # noqa: B008
-            models = registry.load(key)
-            chosen = sorted(int(b) for b in batches) or [1]
-            measured = handlers.measured_memory_mib(models, chosen, dtype_name, progress)
+            models = handlers.load_models(registry, key)
+            measured = handlers.measured_memory_mib(models, batches, dtype_name, progress)  # it checks batches
+            chosen = sorted({int(b) for b in batches})
             cfg = models.transformer.cfg
             analytic = {"VAR": handlers.analytic_memory_mib(cfg, VAR_MODE, dtype=dtype_name),
                         "MVAR": handlers.analytic_memory_mib(cfg, models.mvar_mode, dtype=dtype_name)}
-            presets = {name: {"VAR": handlers.analytic_memory_mib(PRESETS[name].transformer, VAR_MODE,
-                                                                  dtype="bf16"),
-                              "MVAR": handlers.analytic_memory_mib(PRESETS[name].transformer, MVAR_MODE,
-                                                                   dtype="bf16")}
-                       for name in ("d16", "d20", "d24", "d30")}
             return (plots.memory_figure(analytic, {k: {b: v[b] for b in chosen if b in v} for k, v in
                                                    measured.items()}, "Peak memory above the weights (MiB)"),
                     plots.preset_memory_figure(presets, "Official sizes, bf16, CFG on (analytic)"))
