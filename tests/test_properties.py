@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict
 from pathlib import Path
 from unittest import mock
@@ -67,6 +68,34 @@ def uint8_image_ok(image, side: int | None = SIDE) -> None:
         assert image.shape[:2] == (side, side)
 
 
+def sampler_arguments_valid(labels, seeds, cfg, top_k, top_p, max_batch) -> bool:
+    """The documented rules, written out independently of the library: ints are ints (no bools, floats or
+    strings), numbers are finite reals, any integer seed (or a whole float) is fine."""
+    def is_int(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def is_real(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    def real_in(value, low, high, low_open=False) -> bool:
+        if not is_real(value):
+            return False
+        try:
+            number = float(value)
+        except OverflowError:
+            return False
+        return math.isfinite(number) and (low < number if low_open else low <= number) and number <= high
+
+    def seed_ok(seed) -> bool:
+        return is_int(seed) or (is_real(seed) and math.isfinite(seed) and float(seed).is_integer())
+
+    labels_ok = 0 < len(labels) <= max_batch and all(0 <= label <= NUM_CLASSES for label in labels)
+    seeds_ok = (all(seed_ok(x) for x in seeds) and len(seeds) == len(labels)) if isinstance(seeds, list) \
+        else seed_ok(seeds)
+    top_k_ok = is_int(top_k) and 0 <= top_k <= VOCAB
+    return labels_ok and seeds_ok and real_in(cfg, 0, 100) and top_k_ok and real_in(top_p, 0, 1, low_open=True)
+
+
 def names_one_of(message: str, words) -> None:
     """A readable message: short, and it names the argument at fault."""
     assert len(message) < 400, message
@@ -96,11 +125,14 @@ def test_sampler_gives_valid_images_or_a_clear_value_error(tiny_transformer, tin
                                                            top_k, top_p, smooth, max_batch, markov):
     sampling = SamplingConfig(cfg=cfg, top_k=top_k, top_p=top_p, smooth=smooth)
     mode = MVAR_MODE if markov else VAR_MODE
+    valid = sampler_arguments_valid(labels, seeds, cfg, top_k, top_p, max_batch)
     try:
         result = generate(tiny_transformer, tiny_tokenizer, labels, seeds, sampling, mode, max_batch=max_batch)
     except ValueError as err:
+        assert not valid, f"valid arguments refused: {err}"
         names_one_of(str(err), ("class", "label", "seed", "cfg", "top_k", "top_p", "batch"))
         return
+    assert valid, "invalid arguments accepted"
     images_ok(result.images, len(labels))
     for tokens in result.tokens:
         assert int(tokens.min()) >= 0 and int(tokens.max()) < VOCAB
