@@ -189,8 +189,12 @@ class EMA:
                 self.shadow[name].lerp_(value.float(), 1 - self.decay)
 
     def copy_to(self, model: torch.nn.Module) -> None:
-        state = model.state_dict()
-        model.load_state_dict({k: self.shadow.get(k, v).to(v.dtype) for k, v in state.items()})
+        load_averages(model, self.shadow)
+
+
+def load_averages(model: torch.nn.Module, shadow: dict[str, torch.Tensor]) -> None:
+    """Put an EMA's averages (e.g. a checkpoint's "ema") into ``model``; entries it lacks keep their value."""
+    model.load_state_dict({k: shadow.get(k, v).to(v.dtype) for k, v in model.state_dict().items()})
 
 
 # ---------------------------------------------------------------------------------------------

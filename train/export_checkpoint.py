@@ -9,18 +9,15 @@ many the weights were taken, and the validation figures are measured on the expo
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import torch
-
-from mvar.checkpoints import load_any, save_model
+from mvar.checkpoints import load_any
 from mvar.config import get_preset
 from mvar.transformer import ScaleTransformer
 
-from .common import RunFolder
+from .common import RunFolder, load_averages
 from .data import build_dataset, token_cache
-from .train_transformer import TransformerTraining, attention_mode, evaluate
+from .train_transformer import TransformerTraining, attention_mode, evaluate, export_model
 
 
 def main(argv=None) -> None:
@@ -36,24 +33,17 @@ def main(argv=None) -> None:
     model = ScaleTransformer(get_preset(run_args.preset).transformer)
     model.load_state_dict(state["model"])
     if run_args.ema > 0 and state.get("ema"):
-        model.load_state_dict({k: state["ema"].get(k, v).to(v.dtype) for k, v in model.state_dict().items()})
+        load_averages(model, state["ema"])
     model.eval()
     val_set, class_names = build_dataset(run_args.data, "val", tokenizer.cfg.image_size, run_args.val_size,
                                          run_args.seed, flip=False)
     cache_dir = Path(run_args.cache_dir) if run_args.cache_dir else Path(args.run_dir) / "token-cache"
     val_tokens, val_labels = token_cache(tokenizer, run_args.tokenizer, val_set, cache_dir, "val")
     mode = attention_mode(run_args)
-    with torch.no_grad():
-        metrics = evaluate(model, tokenizer, val_tokens, val_labels, mode, precision=run_args.precision)
-    card = {"kind": "transformer", "trained_mode": run_args.mode, "steps": state["step"],
-            "planned_steps": run_args.steps, "stopped_early": state["step"] < run_args.steps,
-            "batch_size": run_args.batch_size, "wall_seconds": round(state["wall_seconds"], 1),
-            "init_from": Path(run_args.init_from).name if run_args.init_from else None,
-            "tokenizer": Path(run_args.tokenizer).name, "data": run_args.data, "run_args": state["args"], **metrics}
-    extra = {"class_names": class_names, "trained_mode": run_args.mode, "card": card,
-             "attention": {"refine_step": run_args.refine_step, "kernel_size": run_args.kernel_size}}
-    save_model(args.out, model, extra=extra, dtype=torch.bfloat16)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(card, indent=2))
+    metrics = evaluate(model, tokenizer, val_tokens, val_labels, mode, precision=run_args.precision)
+    export_model(args.out, model, run_args, class_names, metrics, steps=state["step"],
+                 planned_steps=run_args.steps, stopped_early=state["step"] < run_args.steps,
+                 wall_seconds=round(state["wall_seconds"], 1), run_args=state["args"])
     print(f"exported step {state['step']} of {run_args.steps} to {args.out}: val loss {metrics['val_loss']:.3f}")
 
 

@@ -155,6 +155,18 @@ def evaluate(model: ScaleTransformer, tokenizer, tokens, labels, mode, batch_siz
                                ).sum() / schedule.total_tokens)}
 
 
+def export_model(out, model: ScaleTransformer, args: TransformerTraining, class_names, metrics: dict,
+                 **card_fields) -> None:
+    """Write ``out`` (bf16 safetensors with class names, attention settings and a card) and its JSON card."""
+    card = {"kind": "transformer", "trained_mode": args.mode, **card_fields, "batch_size": args.batch_size,
+            "init_from": Path(args.init_from).name if args.init_from else None,
+            "tokenizer": Path(args.tokenizer).name, "data": args.data, **metrics}
+    extra = {"class_names": class_names, "trained_mode": args.mode, "card": card,
+             "attention": {"refine_step": args.refine_step, "kernel_size": args.kernel_size}}
+    save_model(out, model.eval(), extra=extra, dtype=torch.bfloat16)
+    Path(out).with_suffix(".json").write_text(json.dumps(card, indent=2))
+
+
 def split_scales(flat_tokens: torch.Tensor, schedule) -> list[torch.Tensor]:
     """(B, L) -> per scale (B, p*p)."""
     return [flat_tokens[:, schedule.begin(s) : schedule.end(s)] for s in range(schedule.num_scales)]
@@ -272,14 +284,8 @@ def main(argv=None) -> None:
         if ema is not None:
             ema.copy_to(model)
         metrics = evaluate(model, tokenizer, val_tokens, val_labels, mode, precision=args.precision)
-        card = {"kind": "transformer", "trained_mode": args.mode, "command": command_line(), "steps": step,
-                "batch_size": args.batch_size, "wall_seconds": round(wall_seconds + time.perf_counter() - started, 1),
-                "init_from": Path(args.init_from).name if args.init_from else None,
-                "tokenizer": Path(args.tokenizer).name, "data": args.data, **metrics}
-        extra = {"class_names": class_names, "trained_mode": args.mode, "card": card,
-                 "attention": {"refine_step": args.refine_step, "kernel_size": args.kernel_size}}
-        save_model(args.export, model.eval(), extra=extra, dtype=torch.bfloat16)
-        Path(args.export).with_suffix(".json").write_text(json.dumps(card, indent=2))
+        export_model(args.export, model, args, class_names, metrics, steps=step, command=command_line(),
+                     wall_seconds=round(wall_seconds + time.perf_counter() - started, 1))
         print(f"exported {args.export}: val loss {metrics['val_loss']:.3f}")
     cleanup_distributed()
 
