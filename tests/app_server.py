@@ -49,15 +49,21 @@ class AppServer:
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"app exited early; see {self.log.name}")
+        while True:
+            if (code := self.process.poll()) is not None:
+                raise RuntimeError(f"app exited early (exit code {code}); see {self.log.name}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app did not start within {timeout} s; see {self.log.name}")
             try:
                 with urllib.request.urlopen(self.url, timeout=2):
-                    return
+                    pass
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError(f"app did not start within {timeout} s; see {self.log.name}")
+                continue
+            # an answer counts only if our server is still up after it: had it died just before,
+            # the answer came from whoever took the free port since
+            if self.process.poll() is None:
+                return
 
     def stop(self) -> None:
         self.process.terminate()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,16 +56,21 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], until) -> dict[str, float]:
-    """Poll until ``until(procs)`` is true; return each finished process's end time (time.time()).
-    Past DEADLINE every process group is killed and the test fails with the logs."""
+def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path],
+             until: Callable[[dict[str, float]], bool]) -> dict[str, float]:
+    """Poll until ``until(ended)`` is true and return ``ended``: name -> end time (time.time()) of
+    each process seen finished. Past DEADLINE every process group is killed and the test fails.
+
+    Each round polls every process once and decides from what it recorded only: asking the
+    processes again (``until(procs)``) could see one that ended after its poll, which would then
+    be missing from ``ended``."""
     ended: dict[str, float] = {}
     started = time.monotonic()
     while True:
         for name, proc in procs.items():
             if name not in ended and proc.poll() is not None:
                 ended[name] = time.time()
-        if until(procs):
+        if until(ended):
             return ended
         if time.monotonic() - started > DEADLINE:
             for proc in procs.values():
@@ -81,10 +87,15 @@ def fault_time(ranks_dir: Path, logs: dict[str, Path]) -> float:
 
 
 def cleanup_ranks(ranks_dir: Path) -> None:
-    """Kill a worker left hanging on purpose (SIGKILL by pid, only the ones we started)."""
+    """Kill a worker left hanging on purpose (SIGKILL by pid, only the ones we started).
+
+    A worker that has already ended and been reaped may have its pid reused by someone else's
+    process: only a pid whose command line is still our worker's is killed."""
     for pid_file in ranks_dir.glob("pid*"):
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, ValueError, OSError):
+            pid = int(pid_file.read_text())
+            if b"tests.ddp_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
 
 
 def run_plain(fault: str, tokenizer: Path, tmp_path: Path):
@@ -103,7 +114,7 @@ def run_plain(fault: str, tokenizer: Path, tmp_path: Path):
                                                         stderr=subprocess.STDOUT, start_new_session=True)
         victim = f"rank{fault.split(':')[0]}"
         survivor = "rank1" if victim == "rank0" else "rank0"
-        ended = wait_all(procs, logs, lambda p: p[survivor].poll() is not None)
+        ended = wait_all(procs, logs, lambda ended: survivor in ended)
         fired = fault_time(ranks_dir, logs)
     finally:
         cleanup_ranks(ranks_dir)
@@ -156,7 +167,7 @@ def test_torchrun_job_ends_when_a_rank_dies_or_hangs(fault, tokenizer_file, tmp_
         proc = subprocess.Popen(command, cwd=REPO, env={**subprocess_env(), "DDP_FAULT": fault}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        ended = wait_all({"torchrun": proc}, {"torchrun": log}, lambda p: p["torchrun"].poll() is not None)
+        ended = wait_all({"torchrun": proc}, {"torchrun": log}, lambda ended: "torchrun" in ended)
         fired = fault_time(ranks_dir, {"torchrun": log})
         workers_alive = [p.name for p in ranks_dir.glob("pid*") if _alive(int(p.read_text()))]
     finally:

@@ -354,9 +354,12 @@ def test_resume_after_sigkill_is_bit_exact(mode, tokenizer_run, uninterrupted, t
         proc = subprocess.Popen([sys.executable, "-m", "train.train_transformer", *argv], cwd=REPO,
                                 env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-        while proc.poll() is None and not [s for s in checkpoint_steps(run_dir) if s >= 2]:
+        # one poll per round, and the decision from that poll: a run that ended between a check and
+        # the kill would otherwise be "killed" after its exit (and os.kill could hit a reused pid)
+        while (exited := proc.poll()) is None and not [s for s in checkpoint_steps(run_dir) if s >= 2]:
             time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
+        if exited is None:
+            proc.send_signal(signal.SIGKILL)  # Popen skips the signal if the run has been reaped since
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed:\n" + log.read_text()[-2000:]
