@@ -26,13 +26,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import checks
-from .attention import block_causal_mask
+from .attention import block_causal_mask, block_diagonal_mask
 from .config import (
     OFFICIAL_TOKENIZER,
+    AttentionMode,
     TokenizerConfig,
     TransformerConfig,
     get_preset,
 )
+from .inert_pickle import load_without_code, plain_data
 from .schedule import OFFICIAL_PATCH_NUMS, ScaleSchedule
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
@@ -70,6 +72,13 @@ class LoadedModel:
     config: TokenizerConfig | TransformerConfig
     extra: dict = field(default_factory=dict)
     path: str = ""
+
+    @property
+    def trained_mode(self) -> str | None:
+        """"var" or "mvar": the attention a transformer file was trained with (our files' card, or an official
+        file's entry name and training mask); None when the file does not say."""
+        mode = self.extra.get("trained_mode")
+        return mode if mode in ("var", "mvar") else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,43 +226,104 @@ def _preview(names: list[str], limit: int = 6) -> str:
 OFFICIAL_DERIVED_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 ZERO_K_BIAS = ".attn.zero_k_bias"
 
+# Where the official scripts put a model's state dict inside the dict they torch.save:
+# release files {"mvar_wo_ddp": sd, ...}; training checkpoints {"epoch", "iter", "trainer": {"config",
+# "mvar_wo_ddp" | "var_wo_ddp", "vae_local", "mvar_opt" | "var_opt"}, "args"}.
+STATE_ENTRIES = {
+    "transformer": ("mvar_wo_ddp", "var_wo_ddp"),
+    "tokenizer": ("vae_wo_ddp", "vae_local"),
+}
+WRAPPER_ENTRIES = ("model", "state_dict", "module")  # other common checkpoint wrappers
+# The run arguments we keep from an official checkpoint's ``args`` (the rest is paths and logging).
+KEPT_ARGS = ("depth", "pn", "patch_nums", "kernel_size", "refine_step", "ratio_k", "ls", "ep", "bs", "tblr",
+             "twd", "tclip", "alng", "fp16", "finetune_from_var", "saln", "anorm")
 
-def read_official_state_dict(path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) with readable errors; unwraps common checkpoint wrappers."""
+
+@dataclass
+class OfficialFile:
+    """What an official ``.pth`` file holds: the state dict and, for training checkpoints, plain-data copies
+    of the trainer's ``config`` and the run's ``args`` (objects of unknown classes become dicts)."""
+
+    state: dict[str, torch.Tensor]
+    layout: str  # "state dict", "mvar_wo_ddp", "trainer.var_wo_ddp", ...
+    config: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)
+
+    @property
+    def entry(self) -> str | None:
+        """The official entry name the state dict came from (mvar_wo_ddp, var_wo_ddp, ...), if any."""
+        name = self.layout.rsplit(".", 1)[-1]
+        return name if any(name in names for names in STATE_ENTRIES.values()) else None
+
+
+def read_official_file(path, kind: str | None = None) -> OfficialFile:
+    """Read an official ``.pth`` file (any layout the official scripts write) without running code from it.
+
+    ``kind`` ("tokenizer" / "transformer") picks the state dict in a training checkpoint that holds both;
+    None takes the transformer's when present."""
+    _check_kind("kind", kind, optional=True)
     path = Path(path)
     _check_exists(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        obj = load_without_code(path)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             path, f"refused: the file needs to execute code to load (not a plain weights file): {err}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(path, f"cannot be read, truncated or corrupt: {err}") from None
-    for key in ("model", "state_dict", "var_wo_ddp", "vae_wo_ddp", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
-        inner = obj["trainer"]
-        obj = inner.get("var_wo_ddp", inner.get("vae_wo_ddp", obj))
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise CheckpointError(path, "does not hold a state dict (a mapping of names to tensors)")
-    state = {}
-    for name, tensor in obj.items():
+    state, layout = _find_state_dict(path, obj, kind)
+    trainer = obj.get("trainer") if isinstance(obj, dict) else None
+    config = plain_data(trainer.get("config")) if isinstance(trainer, dict) else None
+    args = plain_data(obj.get("args")) if isinstance(obj, dict) else None
+    return OfficialFile(_strip_prefixes(state), layout, config if isinstance(config, dict) else {},
+                        args if isinstance(args, dict) else {})
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _find_state_dict(path, obj, kind: str | None) -> tuple[dict, str]:
+    if _is_state_dict(obj):
+        return obj, "state dict"
+    names = STATE_ENTRIES[kind] if kind else STATE_ENTRIES["transformer"] + STATE_ENTRIES["tokenizer"]
+    if isinstance(obj, dict):
+        trainer = obj.get("trainer")
+        places = [(obj, ""), *([(trainer, "trainer.")] if isinstance(trainer, dict) else [])]
+        for name in (*names, *WRAPPER_ENTRIES):
+            for holder, prefix in places:
+                if _is_state_dict(holder.get(name)):
+                    return holder[name], prefix + name
+    found = f"top-level entries {_preview(sorted(map(str, obj)))}" if isinstance(obj, dict) else type(obj).__name__
+    expected = " or ".join(f"'{n}'" for n in names)
+    raise CheckpointError(path, f"does not hold a {kind or 'model'} state dict (a mapping of names to tensors): "
+                                f"found {found}; expected a plain state dict, or one under {expected} "
+                                "(at the top level or in 'trainer', as the official scripts write them)")
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes off every name."""
+    stripped = {}
+    for name, tensor in state.items():
         for prefix in ("module.", "_orig_mod."):
             if name.startswith(prefix):
                 name = name[len(prefix):]
-        state[name] = tensor
-    return state
+        stripped[name] = tensor
+    return stripped
 
 
-def _is_zip(path: Path) -> bool:
-    """torch.save's zip format can be memory-mapped (fast, no copy); legacy pickles cannot."""
-    return zipfile.is_zipfile(path)
+def read_official_state_dict(path, kind: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of an official ``.pth`` file, whatever its layout (see :func:`read_official_file`)."""
+    return read_official_file(path, kind).state
 
 
-def infer_transformer_config(state: dict[str, torch.Tensor], path="<state dict>") -> TransformerConfig:
-    """Read depth, width, heads, classes, vocab, Cvae and the schedule off the tensor shapes."""
+def infer_transformer_config(state: dict[str, torch.Tensor], path="<state dict>",
+                             patch_nums: tuple[int, ...] | None = None) -> TransformerConfig:
+    """Read depth, width, heads, classes, vocab and Cvae off the tensor shapes.
+
+    The schedule is ``patch_nums`` when the file states it (a training checkpoint's config / args), else the
+    official 10-scale one, which the position table must then match."""
     try:
         width, latent = state["word_embed.weight"].shape
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -264,32 +334,56 @@ def infer_transformer_config(state: dict[str, torch.Tensor], path="<state dict>"
         hidden = state["blocks.0.ffn.fc1.weight"].shape[0]
     except (KeyError, ValueError, IndexError) as err:
         raise CheckpointError(path, f"not a VAR/MVAR transformer state dict (cannot read {err})") from None
-    if total != ScaleSchedule(OFFICIAL_PATCH_NUMS).total_tokens:
+    schedule = ScaleSchedule(patch_nums or OFFICIAL_PATCH_NUMS)
+    if total != schedule.total_tokens:
+        if patch_nums:
+            raise CheckpointError(path, f"the file's schedule {schedule.patch_nums} has {schedule.total_tokens} "
+                                        f"positions, but its position table pos_1LC has {total}")
         raise CheckpointError(path, f"has {total} positions; only the official 10-scale schedule (680) "
                                     "can be inferred, name a preset for others")
     return TransformerConfig(depth=depth, width=width, num_heads=heads, mlp_ratio=hidden / width,
                              num_classes=num_classes, vocab_size=vocab, latent_channels=latent,
-                             drop_path_rate=0.1 * depth / 24)
+                             patch_nums=schedule.patch_nums, drop_path_rate=0.1 * depth / 24)
+
+
+# The two training masks an official transformer file may carry, by the mode that trains with them.
+TRAINING_MASKS = {"block-causal": block_causal_mask, "block-diagonal": block_diagonal_mask}
+
+
+def training_mask_of(state: dict[str, torch.Tensor], patch_nums: tuple[int, ...], path="<state dict>") -> str | None:
+    """Which training mask the file's ``attn_bias_for_masking`` buffer is: "block-causal" (VAR's),
+    "block-diagonal" (MVAR's: each scale attends only to itself), or None when the file has none."""
+    mask = state.get("attn_bias_for_masking")
+    if mask is None:
+        return None
+    total = ScaleSchedule(patch_nums).total_tokens
+    if mask.numel() != total * total:
+        raise CheckpointError(path, f"buffer attn_bias_for_masking has shape {tuple(mask.shape)}; expected "
+                                    f"(1, 1, {total}, {total}) for the schedule {tuple(patch_nums)}")
+    allowed = mask.reshape(total, total) == 0
+    for name, build in TRAINING_MASKS.items():
+        if torch.equal(allowed, build(patch_nums)):
+            return name
+    raise CheckpointError(path, "buffer attn_bias_for_masking is neither VAR's block-causal mask nor MVAR's "
+                                "block-diagonal mask of the schedule (expected one of them: 0 where a token may "
+                                "attend, -inf elsewhere)")
 
 
 def transformer_from_official(state: dict[str, torch.Tensor], config: TransformerConfig | None = None,
                               path="<state dict>") -> ScaleTransformer:
-    """Build a transformer from a state dict in VAR's official layout, strictly.
+    """Build a transformer from a state dict in the official VAR / MVAR layout, strictly.
 
-    The official buffers are accounted for, not silently dropped: the level-index row and the
-    training mask must equal what the schedule implies, and the key biases must be zero.
-    """
+    The official buffers are accounted for, not silently dropped: the level-index row must equal what the
+    schedule implies, the training mask must be VAR's or MVAR's (:func:`training_mask_of`), and the key
+    biases must be zero."""
     state = dict(state)
     config = config or infer_transformer_config(state, path)
     schedule = config.schedule
     levels = state.pop("lvl_1L", None)
     if levels is not None and not torch.equal(levels.reshape(-1).long(), schedule.scale_of_positions()):
         raise CheckpointError(path, "buffer lvl_1L does not match the scale schedule")
-    mask = state.pop("attn_bias_for_masking", None)
-    if mask is not None:
-        allowed = block_causal_mask(schedule.patch_nums)
-        if tuple(mask.shape[-2:]) != tuple(allowed.shape) or not torch.equal(mask.reshape(allowed.shape) == 0, allowed):
-            raise CheckpointError(path, "buffer attn_bias_for_masking is not the block-causal mask of the schedule")
+    training_mask_of(state, schedule.patch_nums, path)
+    state.pop("attn_bias_for_masking", None)
     for name in [k for k in state if k.endswith(ZERO_K_BIAS)]:
         if torch.count_nonzero(state.pop(name)):
             raise CheckpointError(path, f"{name} should be all zeros")
@@ -298,28 +392,94 @@ def transformer_from_official(state: dict[str, torch.Tensor], config: Transforme
     return model.eval()
 
 
-def official_transformer_state_dict(model: ScaleTransformer) -> dict[str, torch.Tensor]:
-    """Our transformer's weights in VAR's official layout (buffers included), as var_dXX.pth holds them."""
+def official_transformer_state_dict(model: ScaleTransformer, mask: str = "block-causal") -> dict[str, torch.Tensor]:
+    """Our transformer's weights in the official layout (buffers included): ``mask`` "block-causal" as
+    var_dXX.pth holds them, "block-diagonal" as MVAR's training code writes its own."""
+    if mask not in TRAINING_MASKS:
+        raise ValueError(f"mask must be one of {sorted(TRAINING_MASKS)}, got {checks.shown(mask)}")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     schedule = model.schedule
     for i in range(model.cfg.depth):
         state[f"blocks.{i}{ZERO_K_BIAS}"] = torch.zeros(model.cfg.width)
     state["lvl_1L"] = schedule.scale_of_positions().unsqueeze(0)
-    allowed = block_causal_mask(schedule.patch_nums)
+    allowed = TRAINING_MASKS[mask](schedule.patch_nums)
     state["attn_bias_for_masking"] = torch.where(allowed, 0.0, float("-inf")).view(1, 1, *allowed.shape)
     return state
 
 
+def _file_patch_nums(file: OfficialFile, path) -> tuple[int, ...] | None:
+    """The schedule a training checkpoint states (trainer config, else args.patch_nums, else args.pn)."""
+    for where, value in (("trainer.config.patch_nums", file.config.get("patch_nums")),
+                         ("args.patch_nums", file.args.get("patch_nums")), ("args.pn", file.args.get("pn"))):
+        if value is None:
+            continue
+        try:
+            if isinstance(value, str):  # the official flag's spelling: "1_2_3_4_5_6_8_10_13_16"
+                value = [int(v) for v in value.replace("-", "_").split("_")]
+            return ScaleSchedule(tuple(value)).patch_nums
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(path, f"{where} is not a scale schedule ({checks.shown(value)}): {err}") from None
+    return None
+
+
+def _file_attention(file: OfficialFile, path) -> dict:
+    """MVAR's kernel_size / refine_step from the run's args, checked like our own flags."""
+    saved = {name: file.args[name] for name in ("refine_step", "kernel_size") if file.args.get(name) is not None}
+    try:
+        AttentionMode.mvar(**saved)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path, f"args: {err}") from None
+    return saved
+
+
+def _trained_mode(entry: str | None, mask: str | None) -> str | None:
+    """"mvar" for MVAR's own files (its entry name or its block-diagonal mask), "var" for VAR's."""
+    if mask == "block-diagonal" or entry == "mvar_wo_ddp":
+        return "mvar"
+    if entry == "var_wo_ddp" or mask == "block-causal":
+        return "var"
+    return None
+
+
+def load_official(path, kind: str, preset: str | None = None) -> LoadedModel:
+    """Load an official ``.pth`` file of ``kind`` strictly, with what it says about its training in ``extra``.
+
+    A transformer's config comes from its tensor shapes and, for training checkpoints, the schedule in its
+    config / args (``preset`` overrides both); ``extra`` records the file's layout, the training mask it
+    carries, the mode it was trained in, MVAR's kernel_size / refine_step when its args name them, and a few
+    of its run arguments."""
+    _check_kind("kind", kind)
+    file = read_official_file(path, kind)
+    extra = {"official_layout": file.layout}
+    if kind == "tokenizer":
+        model = _tokenizer_from_official(file.state, OFFICIAL_TOKENIZER, path)
+        return LoadedModel(kind, model, model.cfg, extra, str(path))
+    patch_nums = _file_patch_nums(file, path)
+    config = get_preset(preset).transformer if preset else infer_transformer_config(file.state, path, patch_nums)
+    depth = file.args.get("depth")
+    if isinstance(depth, int) and depth != config.depth:
+        raise CheckpointError(path, f"args.depth is {depth}, but the weights have {config.depth} blocks")
+    mask = training_mask_of(file.state, config.patch_nums, path)
+    model = transformer_from_official(file.state, config, path)
+    extra.update(trained_mode=_trained_mode(file.entry, mask), training_mask=mask)
+    attention = _file_attention(file, path)
+    if attention:
+        extra["attention"] = attention
+    kept = {name: file.args[name] for name in KEPT_ARGS if name in file.args}
+    if kept:
+        extra["official_args"] = kept
+    if file.config:
+        extra["official_config"] = file.config
+    return LoadedModel(kind, model, config, extra, str(path))
+
+
 def load_official_transformer(path, preset: str | None = None) -> ScaleTransformer:
-    """Load var_dXX.pth / mvar-*.pth strictly; the config is inferred from the shapes or named."""
-    state = read_official_state_dict(path)
-    config = get_preset(preset).transformer if preset else None
-    return transformer_from_official(state, config, path)
+    """Load var_dXX.pth / mvar-*.pth (any official layout) strictly; the config is inferred or named."""
+    return load_official(path, "transformer", preset).model
 
 
-def load_official_tokenizer(path, config: TokenizerConfig = OFFICIAL_TOKENIZER) -> MultiScaleVQVAE:
-    """Load vae_ch160v4096z32.pth strictly."""
-    state = read_official_state_dict(path)
+def _tokenizer_from_official(state: dict[str, torch.Tensor], config: TokenizerConfig, path) -> MultiScaleVQVAE:
+    state = dict(state)
     model = MultiScaleVQVAE.empty(config)
     hits = state.get("quantize.ema_vocab_hit_SV")
     if hits is not None and hits.shape[0] != len(config.patch_nums):
@@ -329,15 +489,16 @@ def load_official_tokenizer(path, config: TokenizerConfig = OFFICIAL_TOKENIZER) 
     return model.eval()
 
 
+def load_official_tokenizer(path, config: TokenizerConfig = OFFICIAL_TOKENIZER) -> MultiScaleVQVAE:
+    """Load vae_ch160v4096z32.pth (or a VAR training checkpoint's tokenizer) strictly."""
+    return _tokenizer_from_official(read_official_state_dict(path, "tokenizer"), config, path)
+
+
 def convert_official(src, dst, kind: str, preset: str | None = None, extra: dict | None = None) -> None:
-    """Write an official .pth file in our safetensors format."""
-    if kind == "tokenizer":
-        model = load_official_tokenizer(src)
-    elif kind == "transformer":
-        model = load_official_transformer(src, preset)
-    else:
-        raise ValueError(f"kind must be 'tokenizer' or 'transformer', got {kind!r}")
-    save_model(dst, model, extra={"converted_from": Path(src).name, **(extra or {})})
+    """Write an official .pth file (any layout) in our safetensors format, with what it says of its training."""
+    loaded = load_official(src, kind, preset)
+    card = {"converted_from": Path(src).name, **{k: v for k, v in loaded.extra.items() if v is not None}}
+    save_model(dst, loaded.model, extra={**card, **(extra or {})})
 
 
 def load_any(path, kind: str, device="cpu", preset: str | None = None) -> LoadedModel:
@@ -346,8 +507,9 @@ def load_any(path, kind: str, device="cpu", preset: str | None = None) -> Loaded
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_model(path, device, expect=kind)
-    model = load_official_tokenizer(path) if kind == "tokenizer" else load_official_transformer(path, preset)
-    return LoadedModel(kind, model.to(device), model.cfg, {}, str(path))
+    loaded = load_official(path, kind, preset)
+    loaded.model.to(device)
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------
