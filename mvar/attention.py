@@ -15,10 +15,14 @@ Windowed attention has three implementations that agree to fp32 round-off:
   the (tile_h + k - 1) x (tile_w + k - 1) key region that contains every window of its queries,
   with a small per-tile mask. Memory is O(N * region) (never N x N) and the work runs as
   batched matrix products, which CPUs do far faster than per-query gathers.
-* ``natten``: NATTEN's fused kernels (CUDA only).
+* ``natten``: NATTEN's ``na2d`` on heads-last (B, height, width, H, D) tensors, the official MVAR
+  code's call. On CUDA it runs NATTEN's fused kernels. On the CPU (``natten`` installed from its
+  source distribution, without libnatten) it runs NATTEN's flex-attention path: forward only (no
+  gradients), fp32/fp16/bf16, head dims a power of two from 8 to 512, and slower than dense or
+  gather, so "auto" never picks it there; it is the independent check of our two backends.
 
 Tensors are (B, H, N, D) throughout: batch, heads, tokens (row-major over the grid), head dim.
-Run ``python -m mvar.attention`` for a dense-vs-gather timing table.
+Run ``python -m mvar.attention`` for a timing table (dense, gather and, where importable, natten).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from .checks import boolean, integer, positive_integers, real, shown
 from .schedule import ScaleSchedule
 
 BACKENDS: tuple[str, ...] = ("auto", "dense", "gather", "natten")
+
+# Devices NATTEN 0.21 runs on: CUDA (fused kernels, or flex attention) and CPU (flex attention).
+NATTEN_DEVICES: tuple[str, ...] = ("cuda", "cpu")
 
 # "auto" uses dense attention up to this many tokens per grid and the gather backend above it.
 # Measured on this project's 2-core AVX-512 CPU (B=2, H=16, D=64, k=7; `python -m mvar.attention`):
@@ -269,8 +276,9 @@ def resolve_backend(
     """The windowed-attention backend to run: "dense", "gather" or "natten".
 
     "auto" picks natten on CUDA when it is installed, else dense for grids of at most
-    ``DENSE_MAX_TOKENS`` tokens and gather above. Asking for "natten" where it can't run is a
-    ValueError. ``natten_installed`` overrides the import check (for tests).
+    ``DENSE_MAX_TOKENS`` tokens and gather above (on the CPU natten runs, but slower than both).
+    "natten" is allowed on CUDA and CPU tensors when NATTEN imports; elsewhere it is a ValueError.
+    ``natten_installed`` overrides the import check (for tests).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {shown(backend)}; choose one of {BACKENDS}")
@@ -280,15 +288,17 @@ def resolve_backend(
         raise ValueError(f"device must be a torch.device or a device name like 'cpu', got {shown(device)}") from None
     integer("num_tokens", num_tokens, low=1)
     installed = natten_available() if natten_installed is None else boolean("natten_installed", natten_installed)
-    natten_ok = installed and device_type == "cuda"
     if backend == "natten":
-        if not natten_ok:
-            why = "the natten package is not installed" if not installed else f"tensors are on {device_type}"
-            raise ValueError(f"attention backend 'natten' needs NATTEN and CUDA tensors, but {why}")
+        if not installed:
+            raise ValueError("attention backend 'natten' needs the natten package (pip install natten==0.21.7), "
+                             "which is not installed; use 'dense' or 'gather'")
+        if device_type not in NATTEN_DEVICES:
+            raise ValueError(f"attention backend 'natten' runs on {' or '.join(NATTEN_DEVICES)} tensors, "
+                             f"but these are on {device_type}")
         return "natten"
     if backend != "auto":
         return backend
-    if natten_ok:
+    if installed and device_type == "cuda":  # fused kernels; NATTEN's CPU path is slower than ours
         return "natten"
     return "dense" if num_tokens <= DENSE_MAX_TOKENS else "gather"
 
@@ -455,23 +465,47 @@ def _gather_attention(
 # ---------------------------------------------------------------------------------------------
 
 
+def _natten_kernel(height: int, width: int, kernel_size: int) -> tuple[int, int] | None:
+    """NATTEN's per-axis kernel for our window rule, or None where NATTEN can't express it.
+
+    An axis shorter than the kernel is one window over the whole axis (see :func:`window_starts`);
+    a kernel equal to the axis length is exactly that in NATTEN. NATTEN refuses kernels below 2.
+    """
+    kernel = (min(kernel_size, height), min(kernel_size, width))
+    return kernel if min(kernel) >= 2 else None
+
+
+def _heads_last(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, height, width, H, D): the layout NATTEN's na2d takes (as the official code)."""
+    return x.transpose(1, 2).reshape(x.shape[0], height, width, x.shape[1], x.shape[3])
+
+
 def _natten_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int, kernel_size: int, scale: float
 ) -> torch.Tensor:
+    """Windowed attention by NATTEN's na2d: (B, H, N, D) -> (B, H, N, Dv)."""
     na2d = _natten_na2d()
     if na2d is None:
         raise ValueError("attention backend 'natten' needs the natten package, which is not installed")
-    if height < kernel_size or width < kernel_size:
-        # NATTEN wants the kernel to fit in the grid; our semantics then is one window per axis
+    kernel = _natten_kernel(height, width, kernel_size)
+    if kernel is None:
+        # a 1-wide window on some axis: NATTEN has no kernel for it, our tiles compute the same thing
         return _gather_attention(q, k, v, height, width, kernel_size, scale)
-    batch, heads, tokens, _ = q.shape
-
-    def heads_last(x: torch.Tensor) -> torch.Tensor:  # (B, H, N, D) -> (B, height, width, H, D)
-        return x.transpose(1, 2).reshape(batch, height, width, heads, x.shape[-1])
-
-    # NATTEN's fused op scales q k^T by ``scale`` itself (default D^-0.5): pass ours explicitly
-    out = na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel_size, scale=float(scale))
-    return out.reshape(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
+    try:
+        # NATTEN scales q k^T itself (default D^-0.5): pass ours explicitly, as the official code does
+        out = na2d(_heads_last(q, height, width), _heads_last(k, height, width), _heads_last(v, height, width),
+                   kernel_size=kernel, dilation=1, scale=float(scale))
+    except NotImplementedError:
+        # NATTEN found no kernel for these tensors; its own message only says "no suitable backend"
+        grad = any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled()
+        raise ValueError(
+            f"attention backend 'natten' has no kernel for {q.dtype} tensors on {q.device.type} with head dim "
+            f"{q.shape[-1]}{' that need gradients' if grad else ''}; on the CPU NATTEN runs forward only "
+            "(no gradients), in fp32, fp16 or bf16, with head dims a power of two from 8 to 512; "
+            "use backend 'dense' or 'gather'"
+        ) from None
+    # (B, height, width, H, Dv) -> (B, H, N, Dv)
+    return out.flatten(1, 2).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,6 +664,11 @@ def _time_interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
+def benchmark_backends() -> tuple[str, ...]:
+    """The backends the timing table covers: dense and gather, and natten where it imports."""
+    return ("dense", "gather", "natten") if natten_available() else ("dense", "gather")
+
+
 def benchmark(
     sides: tuple[int, ...] = (16, 20, 24, 32, 64),
     batch: int = 2,
@@ -637,12 +676,19 @@ def benchmark(
     head_dim: int = 64,
     kernel_size: int = 7,
     repeats: int = 7,
+    backends: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Forward time (median, min ms) of the dense and gather backends, fp32 and bf16, no grad."""
+    """Forward time (median, min ms) of each backend (default :func:`benchmark_backends`), fp32 and
+    bf16, no grad, on CPU tensors. One row per grid and dtype: {"grid", "dtype", backend: (median, min)}."""
     sides = positive_integers("sides", sides)
     for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("repeats", repeats)):
         integer(name, value, low=1)
     _check_kernel_size(kernel_size)
+    backends = benchmark_backends() if backends is None else backends
+    for backend in backends:
+        if backend not in BACKENDS or backend == "auto":
+            raise ValueError(f"backends: {shown(backend)} is not one of dense, gather, natten")
+        resolve_backend(backend, "cpu", 1)  # natten where it is not installed: a clear error now
     rows = []
     generator = torch.Generator().manual_seed(0)
     for side in sides:
@@ -653,7 +699,7 @@ def benchmark(
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             fns = {
                 backend: functools.partial(windowed_attention, q, k, v, side, side, kernel_size, 1.0, backend)
-                for backend in ("dense", "gather")
+                for backend in backends
             }
             with torch.no_grad():
                 times = _time_interleaved(fns, repeats if tokens <= 32 * 32 else max(3, repeats // 2))
@@ -661,13 +707,23 @@ def benchmark(
     return rows
 
 
+def format_table(rows: list[dict]) -> list[str]:
+    """The timing table as text lines: ms median (min) per backend, and each backend's time over gather's."""
+    backends = [name for name in ("dense", "gather", "natten") if rows and name in rows[0]]
+    ratios = [name for name in backends if name != "gather" and "gather" in backends]
+    lines = [f"{'grid':>7} {'dtype':>9}" + "".join(f" {name:>16}" for name in backends)
+             + "".join(f" {name + '/gather':>14}" for name in ratios)]
+    for row in rows:
+        cells = "".join(f" {row[name][0]:8.1f} ({row[name][1]:5.1f})" for name in backends)
+        ratio = "".join(f" {row[name][0] / row['gather'][0]:13.2f}x" for name in ratios)
+        lines.append(f"{row['grid']:>7} {row['dtype']:>9}{cells}{ratio}")
+    return lines
+
+
 if __name__ == "__main__":
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads; B=2 H=16 D=64 k=7; forward, no grad; ms median (min)")
-    print(f"{'grid':>7} {'dtype':>9} {'dense':>16} {'gather':>16} {'dense/gather':>13}")
-    for row in benchmark():
-        (dense, dense_min), (gather, gather_min) = row["dense"], row["gather"]
-        print(
-            f"{row['grid']:>7} {row['dtype']:>9} {dense:8.1f} ({dense_min:5.1f}) {gather:8.1f} ({gather_min:5.1f})"
-            f" {dense / gather:12.2f}x"
-        )
+    if not natten_available():
+        print("natten is not importable: no natten column (pip install natten==0.21.7)")
+    for line in format_table(benchmark()):
+        print(line)

@@ -361,16 +361,20 @@ def test_resolve_backend():
     small, large = A.DENSE_MAX_TOKENS, A.DENSE_MAX_TOKENS + 1
     assert A.resolve_backend("auto", cpu, small, natten_installed=False) == "dense"
     assert A.resolve_backend("auto", cpu, large, natten_installed=False) == "gather"
-    assert A.resolve_backend("auto", "cpu", large, natten_installed=True) == "gather"  # natten is CUDA-only
+    # natten runs on the CPU but slower than ours: "auto" keeps dense / gather there
+    assert A.resolve_backend("auto", "cpu", small, natten_installed=True) == "dense"
+    assert A.resolve_backend("auto", "cpu", large, natten_installed=True) == "gather"
     assert A.resolve_backend("auto", cuda, small, natten_installed=True) == "natten"
     assert A.resolve_backend("auto", cuda, large, natten_installed=False) == "gather"
     assert A.resolve_backend("dense", cpu, large) == "dense"
     assert A.resolve_backend("gather", cpu, small) == "gather"
     assert A.resolve_backend("natten", "cuda:0", small, natten_installed=True) == "natten"
-    with pytest.raises(ValueError, match="natten"):
-        A.resolve_backend("natten", cpu, small, natten_installed=True)
-    with pytest.raises(ValueError, match="not installed"):
-        A.resolve_backend("natten", cuda, small, natten_installed=False)
+    assert A.resolve_backend("natten", cpu, large, natten_installed=True) == "natten"
+    with pytest.raises(ValueError, match=r"'natten' runs on cuda or cpu tensors, but these are on meta"):
+        A.resolve_backend("natten", "meta", small, natten_installed=True)
+    for device in (cpu, cuda):
+        with pytest.raises(ValueError, match=r"needs the natten package \(pip install natten==0.21.7\)"):
+            A.resolve_backend("natten", device, small, natten_installed=False)
     with pytest.raises(ValueError, match="unknown"):
         A.resolve_backend("flash", cpu, small)
 
@@ -378,9 +382,9 @@ def test_resolve_backend():
 def test_resolve_backend_covers_the_config_backends():
     from mvar.config import AttentionMode
 
-    for backend in ("auto", "dense", "gather"):
+    for backend in ("auto", "dense", "gather", "natten"):
         AttentionMode.mvar(backend=backend)
-        assert A.resolve_backend(backend, "cpu", 100, natten_installed=False) in A.BACKENDS
+        assert A.resolve_backend(backend, "cpu", 100, natten_installed=True) in A.BACKENDS
 
 
 def test_windowed_attention_validates_inputs():
@@ -401,19 +405,133 @@ def test_windowed_attention_validates_inputs():
         A.windowed_attention(q, k, v, 4, 5, 3, 1.0, backend="sparse")
 
 
-@pytest.mark.skipif(
-    not (A.natten_available() and torch.cuda.is_available()), reason="needs NATTEN and a CUDA device"
+# ---------------------------------------------------------------------------------------------
+# NATTEN: the official code's kernel, an independent check of dense and gather
+# ---------------------------------------------------------------------------------------------
+
+needs_natten = pytest.mark.skipif(
+    not A.natten_available(), reason="natten is not importable (requirements-dev.txt installs natten==0.21.7)"
 )
+# NATTEN's CPU path warns once that flex attention runs without torch.compile (NATTEN forbids compiling it)
+quiet_flex = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile", "ignore:return_lse")
+
+# every shape on the issue's list, few distinct shapes (each first na2d call per shape costs time)
+NATTEN_GRIDS = [(13, 13), (16, 16), (5, 9), (12, 7)]
+
+
+@pytest.fixture
+def natten_calls(monkeypatch):
+    """The shapes and kernels every na2d call receives (NATTEN still does the work)."""
+    na2d, calls = A._natten_na2d(), []
+
+    def recording_na2d(q, k, v, **kwargs):
+        calls.append((tuple(q.shape), kwargs["kernel_size"]))
+        return na2d(q, k, v, **kwargs)
+
+    monkeypatch.setattr(A, "_natten_na2d", lambda: recording_na2d)
+    return calls
+
+
+@needs_natten
+@quiet_flex
+@pytest.mark.parametrize("kernel_size", [3, 5, 7, 9])
+@pytest.mark.parametrize("height,width", NATTEN_GRIDS)
+def test_dense_and_gather_agree_with_natten_fp32(height, width, kernel_size, natten_calls):
+    batch, heads, dim, scale = 2, 3, 16, 0.35
+    q, k, v = random_qkv(batch, heads, height * width, dim, seed=10 * kernel_size + height)
+    with torch.no_grad():  # NATTEN's CPU path is forward only
+        natten = A.windowed_attention(q, k, v, height, width, kernel_size, scale, backend="natten")
+        dense = A.windowed_attention(q, k, v, height, width, kernel_size, scale, backend="dense")
+        gather = A.windowed_attention(q, k, v, height, width, kernel_size, scale, backend="gather")
+    # NATTEN itself ran, on the official code's heads-last layout, with the window clipped per axis
+    assert natten_calls == [((batch, height, width, heads, dim), (min(kernel_size, height), min(kernel_size, width)))]
+    assert natten.shape == q.shape and natten.dtype == torch.float32
+    assert (dense - natten).abs().max() < 1e-5
+    assert (gather - natten).abs().max() < 1e-5
+    reference = reference_attention(q, k, v, scale, brute_force_mask(height, width, kernel_size))
+    assert (natten.double() - reference).abs().max() < 1e-5
+
+
+@needs_natten
+@quiet_flex
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_natten_backend_agrees_with_dense(dtype):
+def test_natten_agrees_with_dense_in_half_precision(dtype):
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     height, width, kernel_size = 16, 16, 7
-    q, k, v = (t.cuda() for t in random_qkv(2, 4, height * width, 64, dtype=dtype))
-    dense = A.windowed_attention(q, k, v, height, width, kernel_size, 0.5, backend="dense")
-    natten = A.windowed_attention(q, k, v, height, width, kernel_size, 0.5, backend="natten")
-    assert (natten.float() - dense.float()).abs().max() < 2e-2
+    for device in devices:
+        q, k, v = (t.to(device) for t in random_qkv(2, 4, height * width, 64, dtype=dtype))
+        with torch.no_grad():
+            dense = A.windowed_attention(q, k, v, height, width, kernel_size, 0.5, backend="dense")
+            natten = A.windowed_attention(q, k, v, height, width, kernel_size, 0.5, backend="natten")
+        assert natten.dtype == dtype
+        assert (natten.float() - dense.float()).abs().max() < 2e-2
 
 
-def test_natten_backend_is_refused_on_cpu():
-    q, k, v = random_qkv(1, 1, 16, 4)
-    with pytest.raises(ValueError, match="natten"):
-        A.windowed_attention(q, k, v, 4, 4, 3, 1.0, backend="natten")
+@needs_natten
+def test_natten_falls_back_to_tiles_where_a_window_is_one_wide(natten_calls):
+    """A 1-wide axis (or k = 1) has no NATTEN kernel (it wants >= 2); the result is the same attention."""
+    for height, width, kernel_size in ((1, 7, 3), (6, 5, 1)):
+        q, k, v = random_qkv(1, 2, height * width, 8, seed=height)
+        with torch.no_grad():
+            natten = A.windowed_attention(q, k, v, height, width, kernel_size, 1.0, backend="natten")
+        reference = reference_attention(q, k, v, 1.0, brute_force_mask(height, width, kernel_size))
+        assert (natten.double() - reference).abs().max() < 1e-5
+    assert natten_calls == []
+
+
+@needs_natten
+@quiet_flex
+def test_natten_on_cpu_refuses_what_it_cannot_run_with_a_clear_error():
+    q, k, v = random_qkv(1, 2, 64, 8)
+    with pytest.raises(ValueError, match=r"'natten' has no kernel .* that need gradients; on the CPU NATTEN runs "
+                                         r"forward only .* use backend 'dense' or 'gather'"):
+        A.windowed_attention(q.requires_grad_(), k, v, 8, 8, 3, 1.0, backend="natten")
+    with pytest.raises(ValueError, match=r"no kernel for torch.float64 tensors on cpu with head dim 8;"):
+        A.windowed_attention(q.detach().double(), k.double(), v.double(), 8, 8, 3, 1.0, backend="natten")
+    q, k, v = random_qkv(1, 2, 64, 12)
+    with pytest.raises(ValueError, match=r"head dim 12;.*head dims a power of two from 8 to 512"):
+        A.windowed_attention(q, k, v, 8, 8, 3, 1.0, backend="natten")
+
+
+@needs_natten
+@quiet_flex
+def test_mvar_logits_with_natten_equal_dense(tiny_transformer, tiny_tokenizer, natten_calls):
+    """The whole model in MVAR mode: NATTEN on the windowed scales gives the dense backend's logits."""
+    from mvar.config import AttentionMode
+
+    from .conftest import random_tokens
+
+    cfg = tiny_transformer.cfg
+    tokens = random_tokens(cfg.patch_nums, cfg.vocab_size, batch=2, seed=9)
+    labels = torch.tensor([3, cfg.null_class])
+    inputs = tiny_tokenizer.teacher_forcing_inputs(tokens)
+    with torch.no_grad():
+        logits = {backend: tiny_transformer(labels, inputs, AttentionMode.mvar(backend=backend))
+                  for backend in ("natten", "dense", "gather")}
+    # NATTEN ran in every block on each windowed scale (13x13 and 16x16), heads last
+    heads, dim = cfg.num_heads, cfg.head_dim
+    windowed = [cfg.patch_nums[s] for s in range(AttentionMode.mvar().refine_step, len(cfg.patch_nums))]
+    assert sorted(natten_calls) == sorted(((2, side, side, heads, dim), (7, 7)) for side in windowed
+                                          for _ in range(cfg.depth))
+    assert logits["natten"].shape == (2, sum(p * p for p in cfg.patch_nums), cfg.vocab_size)
+    assert (logits["natten"] - logits["dense"]).abs().max() < 1e-4
+    assert (logits["gather"] - logits["natten"]).abs().max() < 1e-4
+    # and the windows matter: VAR's logits on these scales are far from them
+    var = tiny_transformer(labels, inputs, AttentionMode.var())
+    assert (var - logits["natten"]).abs().max() > 1e-2
+
+
+@quiet_flex
+def test_timing_table_has_a_column_per_backend():
+    rows = A.benchmark(sides=(8,), batch=1, heads=2, head_dim=8, repeats=1)
+    assert [(row["grid"], row["dtype"]) for row in rows] == [("8x8", "float32"), ("8x8", "bfloat16")]
+    backends = ("dense", "gather", "natten") if A.natten_available() else ("dense", "gather")
+    assert A.benchmark_backends() == backends
+    for row in rows:
+        assert set(row) == {"grid", "dtype", *backends}
+        assert all(0 < row[name][1] <= row[name][0] for name in backends)  # min <= median
+    header, *lines = A.format_table(rows)
+    assert header.split() == ["grid", "dtype", *backends, *(f"{b}/gather" for b in backends if b != "gather")]
+    assert len(lines) == 2 and lines[0].split()[:2] == ["8x8", "float32"]
+    with pytest.raises(ValueError, match="backends"):
+        A.benchmark(sides=(8,), backends=("flash",))
