@@ -4,9 +4,10 @@ is a readable error naming the preset and leaves no partial file behind.
 
 A fake ``huggingface_hub`` module (no network) serves an official-size VAE with random weights
 (109 M parameters, the real file's layout, checked against tests/data/official_layout.json) and,
-under the name of mvar-d16.pth, a depth-2 transformer in the official layout (a real d16 would
-add 1.3 GB and a minute on this machine without testing anything more). Files live in /dev/shm
-when it is writable.
+under the names mvar-d16.pth and var_d16.pth, depth-2 transformers in the official layouts (MVAR's
+release ``{"mvar_wo_ddp": state dict}`` with its block-diagonal training mask, VAR's plain state dict
+with the block-causal one; a real d16 would add 1.3 GB and a minute on this machine without testing
+anything more). Files live in /dev/shm when it is writable.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from app.registry import IMAGENET_CLASSES, ModelRegistry
+from app.registry import IMAGENET_CLASSES, ModelEntry, ModelRegistry
 from mvar.checkpoints import CheckpointError, download_official, official_transformer_state_dict
-from mvar.config import OFFICIAL_TOKENIZER, official_transformer
+from mvar.config import OFFICIAL_TOKENIZER, AttentionMode, official_transformer
+from mvar.sampling import SamplingConfig, generate
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
 
-VAE_FILE, MVAR_FILE = "vae_ch160v4096z32.pth", "mvar-d16.pth"
+VAE_FILE, MVAR_FILE, VAR_FILE = "vae_ch160v4096z32.pth", "mvar-d16.pth", "var_d16.pth"
 CHUNK = 16 * 2**20
 
 
@@ -62,18 +65,22 @@ def hub_store(memory_root):
     assert {k: list(v.shape) for k, v in vae.state_dict().items()} == layout  # the real file's keys and shapes
     torch.save(vae.state_dict(), store / VAE_FILE)
     transformer = random_weights(ScaleTransformer.empty(official_transformer(2)), seed=2)
-    torch.save(official_transformer_state_dict(transformer), store / MVAR_FILE)
-    return store, {VAE_FILE: vae, MVAR_FILE: transformer}
+    torch.save({"mvar_wo_ddp": official_transformer_state_dict(transformer, "block-diagonal")}, store / MVAR_FILE)
+    var = random_weights(ScaleTransformer.empty(official_transformer(2)), seed=3)
+    torch.save(official_transformer_state_dict(var), store / VAR_FILE)
+    return store, {VAE_FILE: vae, MVAR_FILE: transformer, VAR_FILE: var}
 
 
 class FakeHub:
     """``hf_hub_download`` from a local folder, in chunks, reporting to ``tqdm_class`` like the real
     one. It writes straight at ``local_dir/filename`` (the real client writes a temp file first), so
     a failure mid-file leaves the worst kind of partial file. ``fail`` maps file names to the number
-    of bytes written before the connection "drops"."""
+    of bytes written before the connection "drops". ``hold``: the name of a file whose download stops
+    after its first chunk, setting ``held``, until ``release`` is set (a slow download, without sleeps)."""
 
-    def __init__(self, store: Path, fail: dict[str, int] | None = None):
+    def __init__(self, store: Path, fail: dict[str, int] | None = None, hold: str | None = None):
         self.store, self.fail, self.calls = store, dict(fail or {}), []
+        self.hold, self.held, self.release = hold, threading.Event(), threading.Event()
 
     def hf_hub_download(self, repo_id, filename, *, local_dir=None, tqdm_class=None, **kwargs):
         self.calls.append((repo_id, filename))
@@ -90,6 +97,9 @@ class FakeHub:
                 dst.write(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
+                if filename == self.hold and not self.release.is_set():
+                    self.held.set()
+                    assert self.release.wait(120), "the test never released the held download"
         if bar is not None:
             bar.close()
         return str(target)
@@ -137,6 +147,10 @@ def test_hub_preset_downloads_once_on_demand_with_progress_and_loads_what_was_se
     assert models.transformer.cfg == official_transformer(2)
     assert models.var_transformer is models.transformer and models.class_names == IMAGENET_CLASSES
     assert models.sampling["cfg"] == 2.7  # the official README's suggestion for mvar-d16
+    # MVAR's release layout and mask: labelled as an MVAR model, run in VAR mode for the baseline
+    assert models.mvar_label == "MVAR: mvar-d16.pth, trained with MVAR attention, trained from scratch"
+    assert models.var_label == "MVAR weights with VAR attention, not trained for it (mvar-d16.pth)"
+    assert models.baseline_note.startswith("VAR baseline = the same weights run with VAR's block-causal attention")
     # progress: from 0 to 1, never backwards, byte counts of both files, then loading
     fractions = [f for f, _ in events]
     assert fractions[0] == 0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
@@ -155,6 +169,88 @@ def test_hub_preset_downloads_once_on_demand_with_progress_and_loads_what_was_se
     assert_same_weights(again.load("mvar-d16").transformer, served[MVAR_FILE])
     assert download_official("mvar-d16", models_dir) == models_dir / MVAR_FILE
     assert len(hub.calls) == 2
+
+
+def test_mvar_with_its_var_baseline_downloads_all_three_files_in_one_step(hub_store, models_dir, tmp_path,
+                                                                          monkeypatch):
+    store, served = hub_store
+    hub = FakeHub(store)
+    hub.install(monkeypatch)
+    registry = ModelRegistry(models_dir, assets_dir=tmp_path, allow_download=True)
+    entry = registry.entry("mvar-d16+var-d16")
+    assert entry.source == "hub" and entry.label == "MVAR-d16 with the VAR-d16 baseline (download from the hub)"
+    events = []
+    models = registry.load("mvar-d16+var-d16", progress=lambda fraction, desc="": events.append((fraction, desc)))
+    assert hub.calls == [("FoundationVision/var", VAE_FILE), ("CVLUESTC/MVAR", MVAR_FILE),
+                         ("FoundationVision/var", VAR_FILE)]
+    assert_same_weights(models.tokenizer, served[VAE_FILE])
+    assert_same_weights(models.transformer, served[MVAR_FILE])
+    assert_same_weights(models.var_transformer, served[VAR_FILE])
+    # one progress bar over the three files: each file takes a third of the download's 0..0.9
+    fractions = [f for f, _ in events]
+    assert fractions[0] == 0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    starts = [min(f for f, d in events if f"(file {i} of 3)" in d) for i in (1, 2, 3)]
+    assert starts == pytest.approx([0.0, 0.3, 0.6])
+    assert any("var-d16 (var_d16.pth from FoundationVision/var)" in d and "(file 3 of 3)" in d for _, d in events)
+    # what the page says about the pairing: mvar-d16 was trained from scratch, not fine-tuned from var_d16
+    assert models.baseline_note == ("VAR baseline = a separate checkpoint, var_d16.pth; the MVAR side "
+                                    "(mvar-d16.pth) was trained from scratch, not from it")
+    assert models.mvar_label == "MVAR: mvar-d16.pth, trained with MVAR attention, trained from scratch"
+    assert models.var_label == "VAR: var_d16.pth, trained with VAR attention, trained from scratch"
+    # the files are local entries now, under the same keys (alone and paired), and load without the hub
+    again = ModelRegistry(models_dir, assets_dir=tmp_path, allow_download=True)
+    assert [e.key for e in again.entries() if e.source == "local"] == ["mvar-d16", "mvar-d16+var-d16", "var-d16"]
+    assert_same_weights(again.load("mvar-d16+var-d16").var_transformer, served[VAR_FILE])
+    assert len(hub.calls) == 3
+
+
+def test_a_download_never_blocks_the_users_of_loaded_models(hub_store, models_dir, tmp_path, monkeypatch):
+    """While one user's download is held mid-file, another user loads a model that is loaded already and
+    generates with it; a third asking for the model being downloaded waits for that download (no second one)."""
+    store, served = hub_store
+    hub = FakeHub(store, hold=VAE_FILE)
+    hub.install(monkeypatch)
+    registry = ModelRegistry(models_dir, assets_dir=tmp_path, allow_download=True,
+                             extra=[ModelEntry("tiny", "tiny", "random", "tiny", "tiny")])
+    tiny = registry.load("tiny")
+    results = {}
+
+    def user(name, key, progress=None):
+        try:
+            results[name] = registry.load(key, progress=progress)
+        except BaseException as err:  # shown by the asserts below
+            results[name] = err
+
+    def use_loaded():
+        models = registry.load("tiny")
+        results["images"] = generate(models.transformer, models.tokenizer, labels=[1], seeds=0,
+                                     sampling=SamplingConfig(cfg=1.0, top_k=10, top_p=0.95),
+                                     mode=AttentionMode.mvar()).images
+        results["other"] = models
+
+    waiting = threading.Event()
+    downloader = threading.Thread(target=user, args=("download", "mvar-d16"), daemon=True)
+    third = threading.Thread(target=user, daemon=True, args=(
+        "third", "mvar-d16", lambda f, desc="": desc.startswith("waiting for mvar-d16") and waiting.set()))
+    downloader.start()
+    try:
+        assert hub.held.wait(120)  # the download has begun and is held after its first chunk
+        other = threading.Thread(target=use_loaded, daemon=True)
+        other.start()
+        other.join(120)  # only a safety net: with a lock held through the download this never ends
+        assert not other.is_alive(), "a user of a loaded model waited for another user's download"
+        assert results["other"] is tiny and len(results["images"]) == 1
+        assert downloader.is_alive() and hub.calls == [("FoundationVision/var", VAE_FILE)]  # still downloading
+        third.start()
+        assert waiting.wait(120)
+    finally:
+        hub.release.set()
+    downloader.join(300)
+    third.join(300)
+    assert not isinstance(results["download"], BaseException), results["download"]
+    assert results["third"] is results["download"]  # loaded once, for both
+    assert hub.calls == [("FoundationVision/var", VAE_FILE), ("CVLUESTC/MVAR", MVAR_FILE)]
+    assert_same_weights(results["download"].transformer, served[MVAR_FILE])
 
 
 def test_failed_download_names_the_preset_and_leaves_no_partial_file(hub_store, models_dir, tmp_path, monkeypatch):
