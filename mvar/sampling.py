@@ -64,6 +64,18 @@ class ScaleStep:
     kv_cache_bytes: int = 0  # bytes the KV cache holds allocated (VAR), 0 for MVAR
 
 
+@dataclass(frozen=True)
+class ForcedTokens:
+    """Tokens to take instead of sampling them (zero-shot editing, see ``edit.py``).
+
+    Per scale s: ``tokens[s]`` (B, p_s*p_s) token ids and ``keep[s]`` (B, p_s*p_s) bool, True where the
+    given token is kept. Sampling still draws its random numbers for every position, so what is sampled
+    elsewhere depends only on the sample's seed, never on what was forced or on the batch."""
+
+    tokens: tuple[torch.Tensor, ...]
+    keep: tuple[torch.Tensor, ...]
+
+
 @dataclass
 class Generation:
     tokens: list[torch.Tensor]  # per scale (B, p*p)
@@ -257,6 +269,7 @@ def generate_steps(
     capture_queries: Mapping[int, Sequence[int] | None] | None = None,
     max_batch: int = 64,
     preview_samples: int | None = None,
+    forced: ForcedTokens | None = None,
 ) -> Iterator[ScaleStep]:
     """Generate B = len(labels) images, yielding after every scale.
 
@@ -266,7 +279,8 @@ def generate_steps(
     ({scale: token indices or None for all}) at the chosen layers, conditional branch only.
     preview_samples: decode previews of the first n samples only (None = all); a 256 px decode
     costs about as much as a whole scale of a d16 transformer, so a viewer showing one image
-    should not pay for the others. Arguments are checked here, when called, not at the first step.
+    should not pay for the others. forced: tokens kept instead of sampled (editing), see ForcedTokens.
+    Arguments are checked here, when called, not at the first step.
     """
     cfg = transformer.cfg
     sampling = SamplingConfig() if sampling is None else sampling
@@ -292,14 +306,34 @@ def generate_steps(
     layers = _check_capture_layers(capture_layers, cfg.depth)
     capture_queries = _check_capture_queries(capture_queries, cfg.patch_nums)
     dtype = compute_dtype(transformer, dtype)
+    forced = _check_forced(forced, cfg.patch_nums, len(labels), cfg.vocab_size)
     return _scale_steps(transformer, tokenizer, labels, seeds, sampling, mode, previews, dtype, layers,
-                        capture_queries, preview_samples)
+                        capture_queries, preview_samples, forced)
+
+
+def _check_forced(forced, patch_nums: Sequence[int], batch: int, vocab: int) -> ForcedTokens | None:
+    if forced is None:
+        return None
+    if not isinstance(forced, ForcedTokens):
+        raise ValueError(f"forced must be a ForcedTokens or None, got {type(forced).__name__}")
+    if len(forced.tokens) != len(patch_nums) or len(forced.keep) != len(patch_nums):
+        raise ValueError(f"forced tokens need one map per scale ({len(patch_nums)}), got "
+                         f"{len(forced.tokens)} token maps and {len(forced.keep)} keep masks")
+    for scale, (tokens, keep) in enumerate(zip(forced.tokens, forced.keep, strict=True)):
+        shape = (batch, patch_nums[scale] ** 2)
+        if not (torch.is_tensor(tokens) and torch.is_tensor(keep)) or tuple(tokens.shape) != shape \
+                or tuple(keep.shape) != shape or keep.dtype != torch.bool or tokens.is_floating_point():
+            raise ValueError(f"forced scale {scale}: tokens (integer) and keep (bool) must both be {shape}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"forced scale {scale} has token ids outside 0..{vocab - 1}")
+    return forced
 
 
 @torch.no_grad()
 def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labels: list[int], seeds: list[int],
                  sampling: SamplingConfig, mode: AttentionMode, previews: bool, dtype, layers: tuple[int, ...],
-                 capture_queries, preview_samples: int | None) -> Iterator[ScaleStep]:
+                 capture_queries, preview_samples: int | None, forced: ForcedTokens | None = None
+                 ) -> Iterator[ScaleStep]:
     """The generation loop of :func:`generate_steps`, on checked arguments."""
     cfg = transformer.cfg
     device = transformer.pos_1LC.device
@@ -333,6 +367,10 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
             hidden = transformer.run_blocks(x, cond, plan, cache, capture)  # (2B or B, n, C)
         tokens, embedded = _choose_tokens(transformer, hidden, cond, sampling, schedule.guidance_ratio(scale),
                                           generators, codebook, dtype)
+        if forced is not None:
+            keep = forced.keep[scale].to(device)
+            tokens = torch.where(keep, forced.tokens[scale].to(device), tokens)
+            embedded = torch.where(keep.unsqueeze(-1), codebook[tokens].float(), embedded)
         h_small = embedded.transpose(1, 2).reshape(batch, cfg.latent_channels, side, side)
         f_hat = tokenizer.add_scale(f_hat, scale, h_small)
         if scale + 1 < schedule.num_scales:
