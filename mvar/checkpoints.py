@@ -58,6 +58,22 @@ OFFICIAL_FILES: dict[str, tuple[str, str, str]] = {
     "mvar-finetune-d24": ("CVLUESTC/MVAR", "mvar-finetune-d24.pth", "transformer"),
 }
 
+# Suggested sampling settings of the official READMEs (cfg, top_p, top_k): MVAR's per release file; VAR's
+# one setting for all its models.
+OFFICIAL_SAMPLING: dict[str, dict[str, float]] = {
+    "mvar-d16": {"cfg": 2.7, "top_p": 0.99, "top_k": 1200},
+    "mvar-finetune-d16": {"cfg": 2.0, "top_p": 0.99, "top_k": 1200},
+    "mvar-finetune-d20": {"cfg": 1.5, "top_p": 0.96, "top_k": 900},
+    "mvar-finetune-d24": {"cfg": 1.4, "top_p": 0.96, "top_k": 900},
+    **{f"var-d{d}": {"cfg": 1.5, "top_p": 0.96, "top_k": 900} for d in (16, 20, 24, 30)},
+}
+
+
+def official_name_of(path) -> str | None:
+    """The official name ("mvar-d16", "var-d20", ...) of a file named as the official release names it."""
+    filename = Path(path).name
+    return next((name for name, (_, official, _) in OFFICIAL_FILES.items() if official == filename), None)
+
 
 class CheckpointError(ValueError):
     def __init__(self, path, problem: str):
