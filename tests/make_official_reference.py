@@ -60,8 +60,8 @@ GENERATION_LABELS = [1, 8]
 GENERATION_SEED = 0
 GUIDANCE = [1.0, 2.5]  # cfg == 1 and cfg != 1: the official MVAR sampler treats 1.0 as "no guidance"
 WEIGHT_DTYPE = torch.float8_e4m3fn
-JOINT_SCALES = range(0, 8)  # MVAR's joint block: scales 0..refine_step-1
-WINDOWED_SCALES = (8, 9)
+JOINT_SCALES = range(0, CONFIG["refine_step"])  # MVAR's joint block, trained with the block-diagonal mask
+WINDOWED_SCALES = range(CONFIG["refine_step"], len(CONFIG["patch_nums"]))  # each trained alone, with NATTEN
 
 
 def scale_spans(patch_nums: list[int]) -> list[tuple[int, int]]:
