@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvar.checkpoints import OFFICIAL_FILES
+from mvar.checkpoints import OFFICIAL_FILES, official_name_of
 
 MODES = ("var", "mvar", "untrained")
 
@@ -22,12 +22,6 @@ OFFICIAL_TRAINING: dict[str, tuple[str, str | None]] = {
     "mvar-d16": ("mvar", None),
     **{f"mvar-finetune-d{d}": ("mvar", f"var-d{d}") for d in (16, 20, 24)},
 }
-_OFFICIAL_BY_FILENAME = {filename: name for name, (_, filename, _) in OFFICIAL_FILES.items()}
-
-
-def official_name(path) -> str | None:
-    """The official name (``mvar-d16``, ``var-d20``, ...) of a file named like an official release."""
-    return _OFFICIAL_BY_FILENAME.get(Path(str(path)).name)
 
 
 @dataclass(frozen=True)
@@ -60,7 +54,7 @@ def trained_for(loaded) -> TrainedFor:
     if "init_from" in card:  # our training cards: the file it was fine-tuned from, or null for from scratch
         init = card["init_from"]
         return TrainedFor(name, mode, Path(str(init)).name if init else None, init is None)
-    release = OFFICIAL_TRAINING.get(official_name(name))
+    release = OFFICIAL_TRAINING.get(official_name_of(name))
     if release is not None and mode in (None, release[0]):
         released_mode, start = release
         return TrainedFor(name, released_mode, OFFICIAL_FILES[start][1] if start else None, start is None)

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from mvar.checkpoints import OFFICIAL_FILES, CheckpointError, download_official, load_any, official_file_path
+from mvar.checkpoints import (
+    OFFICIAL_FILES,
+    OFFICIAL_SAMPLING,
+    CheckpointError,
+    download_official,
+    load_any,
+    official_file_path,
+)
 from mvar.config import AttentionMode, get_preset
 from mvar.sampling import set_precision
 from mvar.tokenizer import MultiScaleVQVAE
@@ -35,14 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 IMAGENET_CLASSES = json.loads((Path(__file__).parent / "imagenet_classes.json").read_text())
 
-# Suggested sampling settings of the official MVAR README (cfg, top_p, top_k).
-OFFICIAL_SAMPLING = {
-    "mvar-d16": {"cfg": 2.7, "top_p": 0.99, "top_k": 1200},
-    "mvar-finetune-d16": {"cfg": 2.0, "top_p": 0.99, "top_k": 1200},
-    "mvar-finetune-d20": {"cfg": 1.5, "top_p": 0.96, "top_k": 900},
-    "mvar-finetune-d24": {"cfg": 1.4, "top_p": 0.96, "top_k": 900},
-}
-VAR_SAMPLING = {"cfg": 1.5, "top_p": 0.96, "top_k": 900}
+VAR_SAMPLING = OFFICIAL_SAMPLING["var-d16"]  # VAR's README setting: files without settings of their own
 PAIR_SEPARATOR = "+"  # "mvar-d16+var-d16": the MVAR file with the VAR file of the same depth
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.provenance import TrainedFor, baseline_note, mvar_label, official_name, trained_for, var_label
+from app.provenance import TrainedFor, baseline_note, mvar_label, trained_for, var_label
 from app.registry import (
     ASSETS,
     LoadedModels,
@@ -104,7 +104,6 @@ def test_official_files_say_what_they_were_trained_for(official_dir):
     assert side(official_dir, "mvar-d16.pth") == TrainedFor("mvar-d16.pth", "mvar", None, True)
     assert side(official_dir, "mvar-finetune-d20.pth") == TrainedFor("mvar-finetune-d20.pth", "mvar",
                                                                       "var_d20.pth", False)
-    assert official_name("models/mvar-finetune-d24.pth") == "mvar-finetune-d24" and official_name("x.pth") is None
 
 
 def test_labels_follow_the_file_not_its_name(official_dir, tmp_path):
