@@ -58,6 +58,11 @@ GATHER_TILE = (8, 8)
 # larger problems are cut along batch and heads. 2**25 fp32 elements is 128 MiB.
 GATHER_CHUNK_ELEMENTS = 2**25
 
+# The timing table (python -m mvar.attention) times natten only up to MVAR's own largest windowed
+# grid: NATTEN's CPU path took ~1.7 s per call at 16x16 and ~68 s at 64x64 (B=2, H=16, D=64, k=7,
+# 2 loaded cores), against milliseconds for dense and gather.
+NATTEN_BENCHMARK_MAX_TOKENS = 16 * 16
+
 # Largest sequence the public mask builders materialise as an (L, L) bool matrix: 2**28 bytes is
 # 256 MiB. Beyond it a typo (a 10**5 grid) would exhaust memory instead of failing.
 MAX_MASK_TOKENS = 2**14
@@ -677,13 +682,16 @@ def benchmark(
     kernel_size: int = 7,
     repeats: int = 7,
     backends: tuple[str, ...] | None = None,
+    natten_max_tokens: int = NATTEN_BENCHMARK_MAX_TOKENS,
 ) -> list[dict]:
     """Forward time (median, min ms) of each backend (default :func:`benchmark_backends`), fp32 and
-    bf16, no grad, on CPU tensors. One row per grid and dtype: {"grid", "dtype", backend: (median, min)}."""
+    bf16, no grad, on CPU tensors. One row per grid and dtype: {"grid", "dtype", backend: (median, min)};
+    natten is timed only on grids of at most ``natten_max_tokens`` tokens (its row entry is absent above)."""
     sides = positive_integers("sides", sides)
     for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("repeats", repeats)):
         integer(name, value, low=1)
     _check_kernel_size(kernel_size)
+    integer("natten_max_tokens", natten_max_tokens, low=0)
     backends = benchmark_backends() if backends is None else backends
     for backend in backends:
         if backend not in BACKENDS or backend == "auto":
@@ -700,6 +708,7 @@ def benchmark(
             fns = {
                 backend: functools.partial(windowed_attention, q, k, v, side, side, kernel_size, 1.0, backend)
                 for backend in backends
+                if backend != "natten" or tokens <= natten_max_tokens
             }
             with torch.no_grad():
                 times = _time_interleaved(fns, repeats if tokens <= 32 * 32 else max(3, repeats // 2))
@@ -708,14 +717,17 @@ def benchmark(
 
 
 def format_table(rows: list[dict]) -> list[str]:
-    """The timing table as text lines: ms median (min) per backend, and each backend's time over gather's."""
-    backends = [name for name in ("dense", "gather", "natten") if rows and name in rows[0]]
+    """The timing table as text lines: ms median (min) per backend, and each backend's time over
+    gather's; "-" where a backend was not timed on a grid."""
+    backends = [name for name in ("dense", "gather", "natten") if any(name in row for row in rows)]
     ratios = [name for name in backends if name != "gather" and "gather" in backends]
     lines = [f"{'grid':>7} {'dtype':>9}" + "".join(f" {name:>16}" for name in backends)
              + "".join(f" {name + '/gather':>14}" for name in ratios)]
     for row in rows:
-        cells = "".join(f" {row[name][0]:8.1f} ({row[name][1]:5.1f})" for name in backends)
-        ratio = "".join(f" {row[name][0] / row['gather'][0]:13.2f}x" for name in ratios)
+        cells = "".join(f" {row[name][0]:8.1f} ({row[name][1]:5.1f})" if name in row else f" {'-':>16}"
+                        for name in backends)
+        ratio = "".join(f" {row[name][0] / row['gather'][0]:13.2f}x" if name in row else f" {'-':>14}"
+                        for name in ratios)
         lines.append(f"{row['grid']:>7} {row['dtype']:>9}{cells}{ratio}")
     return lines
 
@@ -723,7 +735,10 @@ def format_table(rows: list[dict]) -> list[str]:
 if __name__ == "__main__":
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads; B=2 H=16 D=64 k=7; forward, no grad; ms median (min)")
-    if not natten_available():
+    if natten_available():
+        side = math.isqrt(NATTEN_BENCHMARK_MAX_TOKENS)
+        print(f"natten (NATTEN's CPU flex-attention path) is timed up to {side}x{side} only: seconds per call")
+    else:
         print("natten is not importable: no natten column (pip install natten==0.21.7)")
     for line in format_table(benchmark()):
         print(line)
