@@ -210,8 +210,9 @@ def test_registry_lists_official_files_and_hub_presets_but_never_paths_from_the_
         (models / name).write_bytes(b"")
     registry = ModelRegistry(models, assets_dir=tmp_path / "no-assets")
     entries = {e.key: e for e in registry.entries()}
-    assert set(entries) == {"var-d16", "mvar-finetune-d16"}
-    assert entries["mvar-finetune-d16"].var_transformer.endswith("var_d16.pth")  # separate VAR baseline
+    assert set(entries) == {"var-d16", "mvar-finetune-d16", "mvar-finetune-d16+var-d16"}
+    assert entries["mvar-finetune-d16"].var_transformer is None  # alone: the same weights in VAR mode
+    assert entries["mvar-finetune-d16+var-d16"].var_transformer.endswith("var_d16.pth")  # separate VAR baseline
     assert entries["mvar-finetune-d16"].sampling["cfg"] == 2.0  # the official README's suggestion
     with pytest.raises(ValueError, match="unknown model"):
         registry.load(str(models / "var_d16.pth"))  # a path is not a key
