@@ -29,7 +29,9 @@ SEED_MODULUS = 2**63  # any integer seed is folded into the generator's range
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """cfg: guidance strength (0 = no guidance, and no unconditional branch is run);
+    """cfg: guidance strength t = cfg * s / (S - 1) at scale s, logits = (1 + t) cond - t uncond (VAR's ramp);
+    0 = no guidance, and no unconditional branch is run. In MVAR mode cfg == 1.0 is no guidance as well,
+    as in the official MVAR sampler (VAR's applies its ramp at 1.0 too; see :func:`is_guided`);
     top_k: keep the k most likely tokens (0 = off); top_p: nucleus mass in (0, 1] (1 = off);
     smooth: VAR's Gumbel-softmax smoothing of the token embeddings (for visualisation)."""
 
@@ -82,6 +84,12 @@ class Generation:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1]
     seconds_per_scale: list[float]
     seconds_total: float
+
+
+def is_guided(sampling: SamplingConfig, mode: AttentionMode) -> bool:
+    """Whether classifier-free guidance runs (and with it the unconditional branch): cfg > 0, except that
+    MVAR mode follows the official MVAR sampler, where cfg == 1.0 means no guidance."""
+    return sampling.cfg > 0 and not (mode.markov and sampling.cfg == 1.0)
 
 
 def normalize_seed(seed) -> int:
@@ -339,7 +347,7 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
     device = transformer.pos_1LC.device
     schedule = transformer.schedule
     batch = len(labels)
-    guided = sampling.cfg > 0
+    guided = is_guided(sampling, mode)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     branch_labels = torch.tensor(labels + ([cfg.null_class] * batch if guided else []), device=device)
     codebook = tokenizer.quantize.embedding.weight
@@ -366,7 +374,7 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
             plan = transformer.plan_for(mode, [scale], cached=cache is not None)
             hidden = transformer.run_blocks(x, cond, plan, cache, capture)  # (2B or B, n, C)
         tokens, embedded = _choose_tokens(transformer, hidden, cond, sampling, schedule.guidance_ratio(scale),
-                                          generators, codebook, dtype)
+                                          generators, codebook, dtype, guided)
         if forced is not None:
             keep = forced.keep[scale].to(device)
             tokens = torch.where(keep, forced.tokens[scale].to(device), tokens)
@@ -397,7 +405,7 @@ SAMPLING_CHUNK_ELEMENTS = 2**23  # (token, vocab) logits per chunk: bounds the f
 
 
 def _choose_tokens(transformer: ScaleTransformer, hidden: torch.Tensor, cond, sampling: SamplingConfig,
-                   ratio: float, generators: list[torch.Generator], codebook: torch.Tensor, dtype
+                   ratio: float, generators: list[torch.Generator], codebook: torch.Tensor, dtype, guided: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits, guidance, filtering and sampling of one scale, a few samples at a time.
 
@@ -405,7 +413,7 @@ def _choose_tokens(transformer: ScaleTransformer, hidden: torch.Tensor, cond, sa
     keeps the (samples, n, V) fp32 temporaries (logits, sorted logits, probabilities, cdf) from
     dominating peak memory at large batches; every sample still draws from its own generator.
     """
-    batch, guided = len(generators), sampling.cfg > 0
+    batch = len(generators)
     n, vocab = hidden.shape[1], transformer.cfg.vocab_size
     chunk = max(1, SAMPLING_CHUNK_ELEMENTS // (n * vocab))
     all_tokens, all_embedded = [], []
