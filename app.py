@@ -5,6 +5,9 @@
     python app.py --tokenizer T --transformer M [--var-transformer V]   # explicit files
 
 Host and port follow GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (and PORT), as on Hugging Face Spaces.
+--device auto|cpu|cuda|cuda:N (MVAR_DEVICE, default auto: CUDA when present) is where the models run. Where the
+`spaces` package imports (Hugging Face Spaces, ZeroGPU), the models are held on the CPU and each generation and
+analysis runs inside a @spaces.GPU call on the GPU it lends (--device cpu turns that off).
 
 Load limits: at most --concurrency model runs at once (MVAR_CONCURRENCY, default 2), at most --queue-size
 requests waiting behind them (MVAR_QUEUE_SIZE, default 16; more are refused with Gradio's "busy" message),
@@ -20,6 +23,8 @@ import os
 
 from app.layout import DEFAULT_KEEP_MIB, DEFAULT_TIME_LIMIT, build_app
 from app.registry import ModelEntry, ModelRegistry
+from app.zerogpu import GpuTasks
+from mvar.devices import DEVICE_HELP, resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="a tokenizer file (ours or official) for an extra model entry")
     parser.add_argument("--transformer", help="a transformer file (ours or official) for an extra model entry")
     parser.add_argument("--var-transformer", help="a separate VAR baseline for the extra entry")
+    parser.add_argument("--device", default=os.environ.get("MVAR_DEVICE", "auto"),
+                        help=f"where the models run: {DEVICE_HELP} (default auto, or MVAR_DEVICE)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int,
                         default=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))))
@@ -53,7 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
     if not args.keep_mib >= 0:
         parser.error(f"--keep-mib must be >= 0, got {args.keep_mib}")
+    try:
+        args.device = str(resolve_device(args.device))  # "cuda:0"; the error names --device
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def placement(device: str) -> tuple[str, GpuTasks]:
+    """(the registry's device, how model work runs): ZeroGPU calls with the models held on the CPU where
+    ``spaces`` imports (unless the device is the CPU anyway), else everything on ``device``."""
+    gpu = GpuTasks.detect(enabled=device != "cpu")
+    return ("cpu" if gpu.active else device), gpu
 
 
 def main(argv=None) -> None:
@@ -64,8 +82,9 @@ def main(argv=None) -> None:
             raise SystemExit("error: --tokenizer and --transformer go together")
         extra.append(ModelEntry("custom", f"{os.path.basename(args.transformer)} (command line)", "local",
                                 args.tokenizer, args.transformer, args.var_transformer))
-    registry = ModelRegistry(args.models_dir, allow_download=args.download, extra=extra)
-    demo = build_app(registry, time_limit=args.time_limit, keep_mib=args.keep_mib)
+    device, gpu = placement(args.device)
+    registry = ModelRegistry(args.models_dir, allow_download=args.download, extra=extra, device=device)
+    demo = build_app(registry, time_limit=args.time_limit, keep_mib=args.keep_mib, gpu=gpu)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port)
 

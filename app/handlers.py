@@ -8,6 +8,10 @@ stepping through scales or clicking tokens never recomputes the generation.
 Handlers raise :class:`UserError` (shown as a message in the page) for bad input. Widget values
 arrive loosely typed (an emptied Number box sends None, a slider a float, a dropdown a string), so
 every handler checks its arguments first and names the bad one and its valid range.
+
+Handlers that run the models take a ``device``: None for the registry's device, or a device to move
+the loaded models onto first (ZeroGPU: inside the call that holds the GPU, see ``zerogpu.py``).
+What they return holds numpy images and CPU tensors only, so it can cross a process boundary.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ from PIL import Image
 from mvar import checks
 from mvar.config import VAR_MODE, AttentionMode
 from mvar.costs import dtype_bytes, generation_cost
+from mvar.devices import autocast_precisions
 from mvar.sample import to_uint8
 from mvar.sampling import SamplingConfig, decode_to_unit, generate_steps, normalize_seed
 from mvar.schedule import ScaleSchedule
@@ -44,7 +50,7 @@ MAX_MEASURED_BATCH = 64  # each measured batch runs a real generation in a subpr
 MAX_MEASUREMENTS = 8  # distinct batch sizes per request
 MAX_DISPLAYED_SIZE = 8192  # pixels of a displayed image, for clicks
 PRECISIONS = (None, torch.float32, torch.bfloat16, torch.float16)
-MEASURED_DTYPES = ("fp32", "bf16")
+MEASURED_DTYPES = autocast_precisions("cpu")  # on CUDA also fp16: see measured_memory_mib
 
 
 class UserError(ValueError):
@@ -186,25 +192,50 @@ class Frame:
     record: GenerationRecord | None = None
 
 
-def load_models(registry: ModelRegistry, model_key, progress=None) -> LoadedModels:
+def load_models(registry: ModelRegistry, model_key, progress=None, device=None) -> LoadedModels:
     """The loaded models of an entry; an unknown key or a broken file is a UserError.
 
     ``progress(fraction, desc=...)`` (e.g. ``gr.Progress``) follows a hub download and the loading.
+    ``device``: None = where the registry loads them; else they are moved there (see :func:`place_models`).
     """
     if not isinstance(model_key, str):
         raise UserError(f"unknown model {checks.shown(model_key)}: pick one from the list")
-    return _user_errors(registry.load, model_key, progress=progress)
+    models = _user_errors(registry.load, model_key, progress=progress)
+    if device is not None:
+        place_models(models, device)
+    return models
+
+
+_PLACING = threading.Lock()
+
+
+def place_models(models: LoadedModels, device) -> None:
+    """Move a loaded entry's models, and the low-precision copies made of them, onto ``device`` in place.
+
+    Under ZeroGPU this runs in the call's worker process, so the server's copies stay on the CPU;
+    elsewhere the move happens once (later calls find the models there).
+    """
+    device = torch.device(device)
+    with _PLACING:  # two first calls must not copy (in_precision) or run a half-moved model
+        modules = [models.tokenizer, models.transformer, models.var_transformer]
+        for key, value in models.cache.items():
+            if isinstance(key, tuple) and key[:1] == ("weights",):
+                modules.extend(value)  # in_precision's (tokenizer, transformer, var_transformer) copies
+        for module in modules:
+            module.to(device)
 
 
 def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, seed, cfg, top_k, top_p, smooth,
-                    num_images, dtype: torch.dtype | None = None, max_images: int = MAX_IMAGES) -> Iterator[Frame]:
+                    num_images, dtype: torch.dtype | None = None, max_images: int = MAX_IMAGES,
+                    device=None) -> Iterator[Frame]:
     """Run MVAR and VAR scale by scale, alternating, and yield a frame after each scale of each.
 
-    ``max_images`` bounds ``num_images`` (and the sampler's batch): the server's limit.
+    ``max_images`` bounds ``num_images`` (and the sampler's batch): the server's limit. ``device``: see
+    :func:`load_models`.
     """
     if not (dtype is None or isinstance(dtype, torch.dtype) and dtype in PRECISIONS):
         raise UserError(f"precision must be fp32, bf16 or fp16, got {checks.shown(dtype)}")
-    models = load_models(registry, model_key)
+    models = load_models(registry, model_key, device=device)
     label, seed, sampling, num_images = parse_settings(models, class_name, seed, cfg, top_k, top_p, smooth,
                                                        num_images, max_images)
     layers = capture_layers_for(models)
@@ -231,7 +262,7 @@ def generate_frames(registry: ModelRegistry, model_key: str, class_name: str, se
             images = to_uint8(step.preview)
             run.previews.append(images[0])
             run.seconds.append(step.seconds)
-            run.attention.append({layer: w[0].half() for layer, w in (step.attention or {}).items()})
+            run.attention.append({layer: w[0].half().cpu() for layer, w in (step.attention or {}).items()})
             run.keys_begin.append(step.attention_keys_begin)
             if scale == len(patch_nums) - 1:  # the page streams the first image; all are decoded at the end
                 run.finals = [images[0]] + (list(to_uint8(decode_to_unit(tokenizer, step.f_hat[1:])))
@@ -435,7 +466,7 @@ def _attention_statistics(models: LoadedModels, samples: int, seed: int, progres
                                capture_layers=layers, capture_queries=dict.fromkeys(range(schedule.num_scales)))
         for step in steps:
             for weights in step.attention.values():
-                stats.add_scale(weights[0], schedule, step.scale)  # (H, nq, Nk)
+                stats.add_scale(weights[0].cpu(), schedule, step.scale)  # (H, nq, Nk); many small reads: on the CPU
             done += 1
             if progress is not None:
                 progress(done / total, desc=f"sample {i + 1}/{samples}, scale {step.scale + 1}")
@@ -497,18 +528,21 @@ def _batch_sizes(batches, limit: int, count: int | None = None) -> list[int]:
     return chosen
 
 
-def measured_memory_mib(models: LoadedModels, batches, dtype: str = "fp32", progress=None) -> dict[str, dict]:
-    """Peak memory above the loaded weights, measured in a fresh subprocess per (mode, batch)."""
+def measured_memory_mib(models: LoadedModels, batches, dtype: str = "fp32", progress=None,
+                        device="cpu") -> dict[str, dict]:
+    """Peak memory above the loaded weights, measured in a fresh subprocess per (mode, batch) on ``device``:
+    peak RSS on the CPU, the CUDA allocator's peak on a GPU (:func:`memory_label` says which)."""
     from mvar.memory import MemoryJob, measure
 
     batches = _batch_sizes(batches, MAX_MEASURED_BATCH, MAX_MEASUREMENTS)
-    if not isinstance(dtype, str) or dtype not in MEASURED_DTYPES:
-        raise UserError(f"precision must be one of {list(MEASURED_DTYPES)}, got {checks.shown(dtype)}")
+    offered = autocast_precisions(device)
+    if not isinstance(dtype, str) or dtype not in offered:
+        raise UserError(f"precision must be one of {list(offered)}, got {checks.shown(dtype)}")
     _check_progress(progress)
     random_weights = models.entry.source == "random"
     if not random_weights and (models.entry.source == "hub" or not Path(models.entry.transformer).exists()):
         raise UserError("measurements need the model files on this machine")
-    cache = models.cache.setdefault(("memory", dtype), {"VAR": {}, "MVAR": {}})
+    cache = models.cache.setdefault(("memory", dtype, str(device)), {"VAR": {}, "MVAR": {}})
     todo = [(name, b) for b in batches for name in ("VAR", "MVAR") if b not in cache[name]]
     for i, (name, batch) in enumerate(todo):
         if progress is not None:
@@ -518,6 +552,13 @@ def measured_memory_mib(models: LoadedModels, batches, dtype: str = "fp32", prog
         files = dict(preset=models.entry.transformer) if random_weights else dict(
             tokenizer=models.entry.tokenizer, transformer=transformer)
         job = MemoryJob(mode=name.lower(), batch=batch, dtype=dtype, refine_step=models.mvar_mode.refine_step,
-                        kernel_size=models.mvar_mode.kernel_size, **files)
+                        kernel_size=models.mvar_mode.kernel_size, device=str(device), **files)
         cache[name][batch] = measure(job)["peak_bytes"] / 2**20
     return cache
+
+
+def memory_label(device) -> str:
+    """What :func:`measured_memory_mib` measures on ``device``, for the page."""
+    from mvar.memory import measure_label
+
+    return measure_label(device)

@@ -21,19 +21,23 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 import torch
 
 from mvar.config import MVAR_MODE, PRESETS, VAR_MODE
+from mvar.devices import autocast_precisions
 from mvar.memory import release_freed_memory
 
 from . import handlers, plots
 from .handlers import GenerationRecord, UserError
 from .registry import ModelRegistry
+from .zerogpu import ANALYSIS_SECONDS, GENERATE_SECONDS, GpuTasks
 
 log = logging.getLogger("mvar_studio")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # offered: autocast_precisions(device)
 OVERLAY_SIZE = 384
 DISPLAY_SIZE = 320
 DEFAULT_TIME_LIMIT = 300.0  # seconds per request, for streaming handlers
@@ -168,15 +172,51 @@ def _is_generator(fn) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
+@dataclass(frozen=True)
+class ModelTasks:
+    """The page's work on the models, as functions of plain widget values (ZeroGPU calls when active).
+
+    ``frames(key, class, seed, cfg, top_k, top_p, smooth, images, precision)`` streams handlers' Frames;
+    ``statistics(key, samples, progress=None)`` gives (AttentionStats, the MVAR kernel size).
+    """
+
+    frames: Callable
+    statistics: Callable
+    precisions: tuple[str, ...]
+
+
+def model_tasks(registry: ModelRegistry, gpu: GpuTasks) -> ModelTasks:
+    """The model work of ``build_app``, run through ``gpu`` (see ``zerogpu.py``)."""
+    offered = gpu.precisions() or autocast_precisions(registry.device)
+
+    @gpu.task(GENERATE_SECONDS)
+    def frames(key, class_name, seed, cfg, top_k, top_p, smooth, num_images, precision, device=None):
+        if not isinstance(precision, str) or precision not in offered:
+            raise UserError(f"precision must be one of {list(offered)} here, got {precision!r}")
+        yield from handlers.generate_frames(registry, key, class_name, seed, cfg, top_k, top_p, smooth, num_images,
+                                            DTYPES[precision], device=device)
+
+    @gpu.task(ANALYSIS_SECONDS)
+    def statistics(key, samples, progress=None, device=None):
+        models = handlers.load_models(registry, key, device=device)
+        return handlers.attention_statistics(models, samples, progress=progress), models.mvar_mode.kernel_size
+
+    return ModelTasks(frames, statistics, offered)
+
+
 def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_LIMIT,
-              keep_mib: float = DEFAULT_KEEP_MIB) -> gr.Blocks:
+              keep_mib: float = DEFAULT_KEEP_MIB, gpu: GpuTasks | None = None) -> gr.Blocks:
     """The page. ``time_limit``: seconds a generation may run (None = no limit); ``keep_mib``: memory for
-    the generations kept for the views, all sessions together (see :class:`GenerationStore`)."""
+    the generations kept for the views, all sessions together (see :class:`GenerationStore`); ``gpu``: how
+    the model work runs (default: directly on ``registry.device``; ZeroGPU calls, see ``zerogpu.py``)."""
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be positive seconds or None, got {time_limit!r}")
     if not keep_mib >= 0:
         raise ValueError(f"keep_mib must be >= 0, got {keep_mib!r}")
     store = GenerationStore(int(keep_mib * 2**20))
+    gpu = gpu or GpuTasks()
+    tasks = model_tasks(registry, gpu)
+    memory_label = handlers.memory_label(registry.device)  # the memory jobs run on the server's device
     entries = registry.entries()
     if not entries:
         raise SystemExit("error: no models available (assets/ is empty and no --models-dir files were found)")
@@ -189,6 +229,7 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
         with gr.Row():
             model = gr.Dropdown([(e.label, e.key) for e in entries], value=entries[0].key, label="Model")
             baseline_note = gr.Markdown(first.baseline_note)
+        gr.Markdown(gpu.describe(registry.device), elem_id="device-line")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
                 class_name = gr.Dropdown(first.class_names, value=first.class_names[0], label="Class",
@@ -201,7 +242,8 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
                 top_p = gr.Slider(0.01, 1.0, value=first.sampling["top_p"], step=0.01, label="top-p (1 = off)")
                 smooth = gr.Checkbox(False, label="Gumbel smoothing (for visualisation)")
                 num_images = gr.Slider(1, handlers.MAX_IMAGES, value=1, step=1, label="Images")
-                precision = gr.Radio(list(DTYPES), value="bf16", label="Precision")
+                precision = gr.Radio(list(tasks.precisions), label="Precision",
+                                     value="bf16" if "bf16" in tasks.precisions else tasks.precisions[-1])
                 run = gr.Button("Generate", variant="primary")
             with gr.Column(scale=3):
                 status = gr.Markdown("")
@@ -246,11 +288,12 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
             gr.Markdown("Peak memory above the loaded weights, VAR against MVAR. **Measured**: one fresh "
                         "process per point, peak RSS minus RSS after loading (CPU) or the allocator's peak "
                         "(CUDA). **Analytic**: KV cache + the largest set of live activations, from the cost "
-                        "model, for every batch size and for the official model sizes.")
+                        "model, for every batch size and for the official model sizes.\n\n"
+                        f"Measured here on {registry.device}: **{memory_label}**.", elem_id="memory-measure")
             with gr.Row():
                 measure_batches = gr.CheckboxGroup(["1", "2", "4", "8"], value=["1", "2", "4"],
                                                    label="Batch sizes to measure")
-                measure_dtype = gr.Radio(["fp32", "bf16"], value="fp32", label="Precision")
+                measure_dtype = gr.Radio(list(autocast_precisions(registry.device)), value="fp32", label="Precision")
                 measure_button = gr.Button("Measure and plot")
             memory_plot = gr.Plot(label="This model: measured and analytic", elem_id="memory-plot")
             presets_plot = gr.Plot(label="Official sizes: analytic")
@@ -273,8 +316,7 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
 
         def on_generate(key, cls, seed_value, cfg_value, k, p, smooth_value, count, dtype_name,
                         request: gr.Request):
-            frames = handlers.generate_frames(registry, key, cls, seed_value, cfg_value, k, p, smooth_value,
-                                              count, DTYPES.get(dtype_name))
+            frames = tasks.frames(key, cls, seed_value, cfg_value, k, p, smooth_value, count, dtype_name)
             try:
                 for frame in frames:
                     shown = (display(frame.mvar_image), display(frame.var_image))
@@ -326,11 +368,10 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
             readable_errors(on_attention), attention_inputs, attention_outputs)
 
         def on_analyse(key, n, progress=gr.Progress()):  # noqa: B008 - Gradio injects progress this way
-            models = handlers.load_models(registry, key)
-            stats = handlers.attention_statistics(models, n, progress=progress)  # it checks n
+            # a ZeroGPU call pickles its arguments: gr.Progress stays here, the bar then shows no steps
+            stats, kernel_size = tasks.statistics(key, n, progress=None if gpu.active else progress)  # checks n
             return (plots.mass_by_distance_figure(stats.mass_by_distance),
-                    plots.window_mass_figure(list(stats.window_sizes), stats.mass_in_window,
-                                             models.mvar_mode.kernel_size))
+                    plots.window_mass_figure(list(stats.window_sizes), stats.mass_in_window, kernel_size))
 
         analyse.click(readable_errors(on_analyse), [model, samples], [distance_plot, window_plot],
                       concurrency_id="generate")
@@ -356,13 +397,14 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
 
         def on_memory(key, batches, dtype_name, progress=gr.Progress()):  # noqa: B008
             models = handlers.load_models(registry, key)
-            measured = handlers.measured_memory_mib(models, batches, dtype_name, progress)  # it checks batches
+            measured = handlers.measured_memory_mib(models, batches, dtype_name, progress,  # it checks batches
+                                                    device=registry.device)
             chosen = sorted({int(b) for b in batches})
             cfg = models.transformer.cfg
             analytic = {"VAR": handlers.analytic_memory_mib(cfg, VAR_MODE, dtype=dtype_name),
                         "MVAR": handlers.analytic_memory_mib(cfg, models.mvar_mode, dtype=dtype_name)}
-            return (plots.memory_figure(analytic, {k: {b: v[b] for b in chosen if b in v} for k, v in
-                                                   measured.items()}, "Peak memory above the weights (MiB)"),
+            shown = {k: {b: v[b] for b in chosen if b in v} for k, v in measured.items()}
+            return (plots.memory_figure(analytic, shown, f"Peak memory (MiB); measured: {memory_label}"),
                     plots.preset_memory_figure(presets, "Official sizes, bf16, CFG on (analytic)"))
 
         measure_button.click(readable_errors(on_memory), [model, measure_batches, measure_dtype],

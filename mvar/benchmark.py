@@ -25,6 +25,7 @@ import torch
 from .attention import resolve_backend
 from .config import AttentionMode
 from .costs import flop_counter, generation_cost, teacher_forced_flops
+from .devices import add_device_flag, describe_device, device_from_flag, synchronize
 from .memory import DTYPES, MemoryJob, TrainingBatch, benchmark_request, measure, random_models, training_step
 from .sampling import decode_to_unit, generate_steps, set_precision
 from .tokenizer import MultiScaleVQVAE
@@ -69,23 +70,26 @@ def matmul_peak_flops(dtype: torch.dtype | None, device: torch.device, size: int
     a = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
     b = torch.randn(size, size, device=device, dtype=dtype or torch.float32)
     a @ b  # warm-up: thread pools, kernels
+    synchronize(device)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return 2 * size**3 / statistics.median(times)
 
 
 def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> dict:
     labels, sampling = benchmark_request(models.transformer.cfg, batch, cfg)
+    device = models.transformer.pos_1LC.device
+    synchronize(device)
     started = time.perf_counter()
     steps = list(generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
                                 max_batch=4096))
-    tokens_seconds = time.perf_counter() - started
+    tokens_seconds = time.perf_counter() - started  # generate_steps synchronises after every scale
     decode_to_unit(models.tokenizer, steps[-1].f_hat)  # in the decoder's stored dtype
+    synchronize(device)
     total = time.perf_counter() - started
     return {"total": total, "tokens": tokens_seconds, "decode": total - tokens_seconds,
             "per_scale": [s.seconds for s in steps], "kv_cache_bytes": max(s.kv_cache_bytes for s in steps),
@@ -99,7 +103,7 @@ def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype
     started = time.perf_counter()
     steps = generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, previews=True,
                            dtype=dtype, max_batch=4096, preview_samples=1)
-    first = next(steps)
+    first = next(steps)  # synchronised by generate_steps before it yields
     seconds = time.perf_counter() - started
     steps.close()
     assert first.preview is not None
@@ -150,8 +154,8 @@ def batches_for(args, measurement: str) -> list[int]:
 
 
 def run(args) -> dict:
-    device = torch.device(args.device)
-    report = {"machine": machine_info(), "configs": [], "notes": []}
+    device = torch.device(args.device)  # resolved by main
+    report = {"machine": machine_info(device), "configs": [], "notes": []}
     all_batches = sorted({b for m in args.measure for b in batches_for(args, m)})
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
@@ -227,7 +231,7 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
     return entry
 
 
-def machine_info() -> dict:
+def machine_info(device: torch.device | None = None) -> dict:
     import os
     import platform
 
@@ -239,8 +243,10 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    device = torch.device("cpu") if device is None else torch.device(device)
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "device": describe_device(device),
+            "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def print_entry(entry: dict) -> None:
@@ -361,9 +367,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--refine-step", type=int, default=8)
     parser.add_argument("--kernel-size", type=int, default=7)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_flag(parser)
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
+    args.device = str(device_from_flag(parser, args.device))  # "cuda:0": the memory jobs get the same device
     sizes = args.batch_sizes + (args.memory_batch_sizes or []) + (args.train_batch_sizes or [])
     if args.repeats < 1 or any(b < 1 for b in sizes):
         parser.error("--repeats and the batch sizes must be positive")

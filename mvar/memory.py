@@ -4,7 +4,9 @@ On CPU each measurement runs in its own subprocess: it loads (or builds) the mod
 resident set size as the baseline, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``
 with 5), generates, and reports peak RSS minus the baseline. A fresh process per configuration
 keeps one run's freed-but-cached memory from hiding the next one's. On CUDA the allocator's peak
-is used instead. These are measurements; the analytic model lives in ``costs.py``.
+(``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``) minus what was allocated
+before the measured work is used instead; each report says which (``label``). These are
+measurements; the analytic model lives in ``costs.py``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,17 @@ from pathlib import Path
 import torch
 
 from . import checks
+from .devices import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a measurement on each kind of device is, in the words the page and the reports use.
+MEASURED_AS = {"cuda": "GPU memory (CUDA allocator peak)", "cpu": "peak RSS above the weights"}
+
+
+def measure_label(device) -> str:
+    """What a memory job on ``device`` measures: "GPU memory (CUDA allocator peak)" or "peak RSS above the weights"."""
+    return MEASURED_AS[torch.device(device).type]
 
 
 def random_models(preset_name: str, device, seed: int = 0):
@@ -63,7 +73,7 @@ class MemoryJob:
     refine_step: int = 8
     kernel_size: int = 7
     decode: bool = True
-    device: str = "cpu"
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N, stored resolved ("cuda:0")
     task: str = "generate"  # "generate" | "train" (one optimiser step of every kind in the training cycle)
     ratio_k: int = 8  # MVAR training: joint iterations per cycle
 
@@ -89,13 +99,8 @@ class MemoryJob:
             object.__setattr__(self, name, None if path is None else os.fspath(path))
         if self.preset is None and (self.tokenizer is None or self.transformer is None):
             raise ValueError("a memory job needs a preset, or both a tokenizer and a transformer file")
-        try:
-            if not isinstance(self.device, str):
-                raise TypeError
-            torch.device(self.device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {checks.shown(self.device)}"
-                             ) from None
+        # resolved here, so that "cuda:3" on a machine of 2 GPUs fails now, not in the subprocess
+        object.__setattr__(self, "device", str(resolve_device(self.device, flag="device")))
 
 
 def _one_of(name: str, value, choices: tuple[str, ...]) -> None:
@@ -177,10 +182,10 @@ def _build_models(job: MemoryJob, device: torch.device):
 
 
 def _start_measuring(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+    if device.type == "cuda":  # the job's own GPU, which need not be the current one
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
     release_freed_memory()
     baseline = _read_status_kib("VmRSS") * 1024
     _reset_peak_rss()
@@ -189,8 +194,9 @@ def _start_measuring(device: torch.device) -> int:
 
 def _peak(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(), "cuda allocator peak minus allocated before the measured work"
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device),
+                "cuda allocator peak minus allocated before the measured work")
     return _read_status_kib("VmHWM") * 1024, "peak RSS minus RSS before the measured work (fresh subprocess)"
 
 
@@ -220,7 +226,7 @@ def run_training_job(job: MemoryJob) -> dict:
         training_step(model, optimizer, data, mode, first, last, dtype)
     peak, kind = _peak(device)
     return {"job": asdict(job), "peak_bytes": peak - baseline, "baseline_bytes": baseline, "measure": kind,
-            "seconds": time.perf_counter() - started}
+            "label": measure_label(device), "seconds": time.perf_counter() - started}
 
 
 def run_job(job: MemoryJob) -> dict:
@@ -245,7 +251,7 @@ def run_job(job: MemoryJob) -> dict:
         decode_to_unit(tokenizer, steps[-1].f_hat)
     peak, kind = _peak(device)
     return {"job": asdict(job), "peak_bytes": peak - baseline, "baseline_bytes": baseline, "measure": kind,
-            "seconds": sum(s.seconds for s in steps)}
+            "label": measure_label(device), "seconds": sum(s.seconds for s in steps)}
 
 
 def measure(job: MemoryJob, timeout: float = 1800) -> dict:

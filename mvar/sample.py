@@ -1,6 +1,7 @@
 """Command line: generate class-conditional images and write them as a PNG grid.
 
     python -m mvar.sample --classes 0 1 2 --per-class 4 --mode both --out samples.png
+    python -m mvar.sample --device cuda --dtype fp16 ...     # --device auto (default) | cpu | cuda | cuda:N
 
 Models: ``--tokenizer`` / ``--transformer`` take our .safetensors files or official .pth files
 (default: the models shipped in assets/). ``--random-init PRESET`` builds untrained models of a
@@ -19,6 +20,7 @@ from PIL import Image
 
 from .checkpoints import CheckpointError, load_any
 from .config import AttentionMode, get_preset
+from .devices import add_device_flag, describe_device, device_from_flag
 from .sampling import SamplingConfig, decode_to_unit, generate_steps
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
@@ -44,13 +46,14 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def load_models(args) -> tuple[MultiScaleVQVAE, ScaleTransformer, dict]:
+def load_models(args, device: torch.device) -> tuple[MultiScaleVQVAE, ScaleTransformer, dict]:
     if args.random_init:
         preset = get_preset(args.random_init)
-        torch.manual_seed(0)
-        return MultiScaleVQVAE(preset.tokenizer).eval(), ScaleTransformer(preset.transformer).eval(), {}
-    tokenizer = load_any(args.tokenizer, "tokenizer")
-    transformer = load_any(args.transformer, "transformer", preset=args.preset)
+        torch.manual_seed(0)  # built on the CPU, so the same seed gives the same weights on every device
+        return (MultiScaleVQVAE(preset.tokenizer).to(device).eval(),
+                ScaleTransformer(preset.transformer).to(device).eval(), {})
+    tokenizer = load_any(args.tokenizer, "tokenizer", device=device)
+    transformer = load_any(args.transformer, "transformer", preset=args.preset, device=device)
     return tokenizer.model, transformer.model, transformer.extra
 
 
@@ -71,9 +74,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--filmstrip", action="store_true", help="one row per sample with all scale previews")
     parser.add_argument("--out", default="samples.png")
+    add_device_flag(parser)
     args = parser.parse_args(argv)
+    device = device_from_flag(parser, args.device)
     try:
-        tokenizer, transformer, extra = load_models(args)
+        tokenizer, transformer, extra = load_models(args, device)
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     defaults = extra.get("sampling_defaults", {})
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
             else:
                 rows.append(to_uint8(decode_to_unit(tokenizer, steps[-1].f_hat)))
             seconds = sum(s.seconds for s in steps)
-            print(f"{mode.name}: {len(labels)} images, tokens in {seconds:.2f} s")
+            print(f"{mode.name}: {len(labels)} images on {describe_device(device)}, tokens in {seconds:.2f} s")
     except ValueError as err:
         sys.exit(f"error: {err}")
     columns = len(transformer.cfg.patch_nums) if args.filmstrip else args.per_class

@@ -21,6 +21,7 @@ import torch
 
 from . import checks
 from .config import VAR_MODE, AttentionMode
+from .devices import synchronize
 from .tokenizer import MultiScaleVQVAE
 from .transformer import AttentionCapture, ScaleTransformer
 
@@ -391,6 +392,7 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
         attention = None
         if capture is not None:
             attention = {layer: w[:batch].float() for layer, w in capture.weights.items()}
+        synchronize(device)  # CUDA runs ahead of the host: the scale's time must include its kernels
         yield ScaleStep(
             scale=scale, side=side, tokens=tokens, f_hat=f_hat, preview=preview,
             seconds=time.perf_counter() - started, attention=attention,

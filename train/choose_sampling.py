@@ -21,6 +21,7 @@ import torch
 
 from mvar.checkpoints import load_model, save_model
 from mvar.config import AttentionMode
+from mvar.devices import add_device_flag, device_from_flag
 from mvar.sampling import SamplingConfig
 
 from .classifier import load_classifier
@@ -48,12 +49,14 @@ def main(argv=None) -> None:
     parser.add_argument("--num-real", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    add_device_flag(parser)
     args = parser.parse_args(argv)
+    device = device_from_flag(parser, args.device)
 
-    tokenizer = load_model(args.tokenizer, expect="tokenizer").model
-    loaded = load_model(args.transformer, expect="transformer")
+    tokenizer = load_model(args.tokenizer, device, expect="tokenizer").model
+    loaded = load_model(args.transformer, device, expect="transformer")
     transformer = loaded.model
-    classifier = load_classifier(args.classifier).model
+    classifier = load_classifier(args.classifier, device).model
     mode = AttentionMode.var() if args.mode == "var" else AttentionMode.mvar_from_extra(loaded.extra)
     real = real_statistics(classifier, args.num_real, seed=args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None

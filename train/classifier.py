@@ -1,6 +1,7 @@
 """A small CNN that recognises the embedded dataset's classes: the judge of generated samples.
 
     python -m train.classifier --out assets/classifier.safetensors --steps 600 --batch-size 64 --num-threads 1
+    (--device auto | cpu | cuda | cuda:N; default auto: CUDA when present)
 
 It maps (B, 3, 64, 64) images in [-1, 1] (as ``EmbeddedDataset`` yields them) to logits over the
 classes, and ``features`` returns its penultimate vector, the feature space of the Fréchet distance
@@ -34,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mvar.checkpoints import FORMAT_NAME, FORMAT_VERSION, CheckpointError
+from mvar.devices import device_from_flag, resolve_device
 
 from . import embedded_data
 from .common import warmup_cosine
@@ -212,7 +214,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 4, ji
 def predict(model: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> (N,) predicted class ids, in eval mode."""
     model.eval()
-    return torch.cat([model(part).argmax(dim=1) for part in images.split(batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(part.to(device)).argmax(dim=1).cpu() for part in images.split(batch_size)])
 
 
 def accuracy_report(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
@@ -241,6 +244,7 @@ class ClassifierTraining:
     eval_every: int = 200  # 0 = only at the end
     num_threads: int = 0  # 0 = torch's default
     min_accuracy: float = 0.98  # exit with an error below this held-out accuracy (the file is still written)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     card: str = ""  # default: --out with a .json suffix
 
 
@@ -257,6 +261,7 @@ def parse_args(argv=None) -> ClassifierTraining:
         parser.error("--steps >= 1, --batch-size >= 2 and --val-size >= 1 are required")
     if args.lr <= 0 or args.warmup < 0 or args.num_threads < 0 or args.eval_every < 0:
         parser.error("--lr must be positive; --warmup, --num-threads and --eval-every non-negative")
+    device_from_flag(parser, args.device)
     return args
 
 
@@ -273,7 +278,8 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed + 1)
-    model = Classifier(ClassifierConfig())
+    device = resolve_device(args.device)  # checked by parse_args
+    model = Classifier(ClassifierConfig()).to(device)  # initialised on the CPU: the same weights everywhere
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     train_set = embedded_data.EmbeddedDataset("train", args.steps * args.batch_size, args.data_seed, flip=True)
     val_images, val_labels = load_split("val", args.val_size, args.data_seed)
@@ -289,7 +295,7 @@ def main(argv=None) -> None:
             group["lr"] = warmup_cosine(step, args.steps, args.warmup, args.lr, final_ratio=0.02)
         images, labels = train_batch(train_set, step, args.batch_size)
         model.train()
-        loss = F.cross_entropy(model(augment(images, generator)), labels)
+        loss = F.cross_entropy(model(augment(images, generator).to(device)), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -315,6 +321,7 @@ def main(argv=None) -> None:
         "seed": args.seed,
         "data_seed": args.data_seed,
         "num_threads": torch.get_num_threads(),
+        "device": str(device),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "val_split": "val",
         "val_images": args.val_size,

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mvar.devices import distributed_device, resolve_device
+
 # ---------------------------------------------------------------------------------------------
 # Distributed
 # ---------------------------------------------------------------------------------------------
@@ -52,8 +54,12 @@ DEFAULT_DIST_TIMEOUT = 600.0  # seconds; the training scripts' --dist-timeout de
 _dist_state: dict = {}  # the timeout of the process group set up here, for error messages
 
 
-def setup_distributed(timeout_seconds: float = DEFAULT_DIST_TIMEOUT) -> DistInfo:
+def setup_distributed(timeout_seconds: float = DEFAULT_DIST_TIMEOUT, device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
+
+    ``device`` is the ``--device`` flag: auto | cpu | cuda | cuda:N for one process; under torchrun
+    auto | cpu | cuda, each rank then taking the GPU of its LOCAL_RANK (see ``mvar.devices``). A bad
+    value ends the process with a readable error before any process group is set up.
 
     The timeout makes the surviving ranks fail with an error when one rank dies or hangs, instead
     of waiting forever in a collective. A rank that dies outright closes its sockets, and gloo
@@ -61,15 +67,17 @@ def setup_distributed(timeout_seconds: float = DEFAULT_DIST_TIMEOUT) -> DistInfo
     machine) is only noticed when a collective has waited ``timeout_seconds``.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        chosen = resolve_device(device) if world_size <= 1 else distributed_device(device, local_rank)
+    except ValueError as err:
+        raise SystemExit(f"error: rank {rank}: {err}" if world_size > 1 else f"error: {err}") from None
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)  # NCCL and bare .cuda() calls use the current device
     if world_size <= 1:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return DistInfo(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        backend, device = "nccl", torch.device("cuda", local_rank)
-    else:
-        backend, device = "gloo", torch.device("cpu")
+        return DistInfo(device=chosen)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    device = chosen
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
     _dist_state["timeout"] = timeout_seconds
@@ -280,14 +288,29 @@ class Throughput:
         return self.samples / max(1e-9, time.perf_counter() - self.started)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # the training scripts' --precision
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """fp32 and bf16 everywhere, fp16 on CUDA only (CPU autocast to fp16 is slow and has no loss scaling here)."""
+    if precision not in PRECISIONS:
+        raise SystemExit(f"error: --precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type != "cuda" and precision == "fp16":
+        raise SystemExit(f"error: --precision fp16 is for CUDA devices, this run is on {device}; use bf16 or fp32")
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast on CPU; bf16 or fp16 on CUDA; nothing for fp32."""
+    check_precision(device, precision)
     if precision == "fp32":
         return torch.autocast(device_type=device.type, enabled=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device.type == "cpu" and dtype == torch.float16:
-        raise SystemExit("error: fp16 autocast is for CUDA; use --precision bf16 on CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16's dynamic loss scaling (small fp16 gradients would flush to zero); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=("run_dir",)):
@@ -305,6 +328,8 @@ def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=(
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(parsed, name)}")
     if hasattr(parsed, "dist_timeout") and not parsed.dist_timeout > 0:
         parser.error(f"--dist-timeout must be a positive number of seconds, got {parsed.dist_timeout}")
+    if hasattr(parsed, "precision") and parsed.precision not in PRECISIONS:
+        parser.error(f"--precision must be one of {', '.join(PRECISIONS)}, got {parsed.precision!r}")
     return parsed, parser
 
 

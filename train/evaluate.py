@@ -37,6 +37,7 @@ import torch
 
 from mvar.checkpoints import CheckpointError, load_model
 from mvar.config import AttentionMode
+from mvar.devices import add_device_flag, resolve_device
 from mvar.sampling import SamplingConfig, generate
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
@@ -44,7 +45,7 @@ from mvar.transformer import ScaleTransformer
 from . import embedded_data
 from .classifier import Classifier, load_classifier, load_split
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: CUDA only (check_args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="transformer autocast dtype")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="transformer autocast dtype (fp16 on CUDA only)")
     parser.add_argument("--refine-step", type=int, default=None, help="MVAR: first windowed scale "
                                                                       "(default: the file's, else 8)")
     parser.add_argument("--kernel-size", type=int, default=None, help="MVAR: window side (default: the file's, else 7)")
@@ -253,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--out", default="", help="write the report here as JSON")
+    add_device_flag(parser)
     return parser
 
 
@@ -276,6 +279,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{flag.replace('_', '-')}: no such file {path}")
     if args.out and Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a folder; name a .json file")
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as err:
+        parser.error(str(err))
+    if args.dtype == "fp16" and not args.device.startswith("cuda"):
+        parser.error(f"--dtype fp16 is for CUDA devices, this run is on {args.device}; use bf16 or fp32")
 
 
 def mvar_mode(args: argparse.Namespace, extra: dict) -> AttentionMode:
@@ -307,7 +316,7 @@ def format_table(report: dict) -> str:
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """Load everything named by ``args``, evaluate both modes and return the report (a JSON-able dict)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)  # resolved by check_args
     dtype = DTYPES[args.dtype]
     tokenizer = load_model(args.tokenizer, device, expect="tokenizer").model
     mvar_file = load_model(args.transformer, device, expect="transformer")
@@ -355,7 +364,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", "-m", "train.evaluate", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
                      "dtype": args.dtype, "per_class": args.per_class, "batch_size": args.batch_size,
-                     "device": device.type, "torch_threads": torch.get_num_threads()},
+                     "device": str(device), "torch_threads": torch.get_num_threads()},
         "classifier": {"path": args.classifier, "feature_dim": classifier.cfg.feature_dim},
         "class_names": names,
         "num_samples_per_mode": count,

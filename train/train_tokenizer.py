@@ -3,6 +3,9 @@
     python -m train.train_tokenizer --run-dir /tmp/runs/tok --preset small --steps 3000
     torchrun --nproc_per_node 8 -m train.train_tokenizer --run-dir runs/tok --preset d16 --data /data/imagenet
 
+--device auto (default: CUDA when present) | cpu | cuda | cuda:N; under torchrun each rank uses the GPU
+of its LOCAL_RANK (NCCL), or the CPU (gloo). --precision fp16 (CUDA only) scales the loss dynamically.
+
 Loss: L1 + L2 reconstruction + the quantiser's loss (codebook term and beta x commitment), with
 the straight-through estimator carrying the decoder's gradient to the encoder. Dead codes (no hit
 over ``--reseed-every`` steps) are re-seeded from current encoder residuals and reported.
@@ -32,9 +35,11 @@ from .common import (
     autocast_context,
     batch_indices,
     check_output_dir,
+    check_precision,
     cleanup_distributed,
     command_line,
     exit_on_collective_failure,
+    loss_scaler,
     parse_dataclass_args,
     restore_training_state,
     rng_state,
@@ -61,6 +66,7 @@ class TokenizerTraining:
     vq_weight: float = 1.0
     grad_clip: float = 2.0
     precision: str = "bf16"  # fp32 | bf16 | fp16 (CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (torchrun: auto | cpu | cuda, one GPU per LOCAL_RANK)
     ema: float = 0.0  # 0 = off
     reseed_every: int = 250  # re-seed codes unused over this many steps (0 = off)
     save_every: int = 250
@@ -95,12 +101,13 @@ def reseed_dead_codes(model: MultiScaleVQVAE, images: torch.Tensor, dead: torch.
     """Move dead codebook entries onto random latent vectors of the current batch (+ small noise)."""
     if dead.numel() == 0:
         return 0
-    latent = model.encode_latent(images).float()
+    latent = model.encode_latent(images).float().cpu()  # the draws come from a CPU generator
     vectors = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
     # the residual after the coarse scales is what late-scale codes must represent
     pick = torch.randint(0, len(vectors), (dead.numel(),), generator=generator)
     noise = torch.randn(dead.numel(), vectors.shape[1], generator=generator) * 0.01
-    model.quantize.embedding.weight[dead] = (vectors[pick] * 0.5 + noise).to(model.quantize.embedding.weight.dtype)
+    codebook = model.quantize.embedding.weight
+    codebook[dead.to(codebook.device)] = (vectors[pick] * 0.5 + noise).to(codebook.device, codebook.dtype)
     return int(dead.numel())
 
 
@@ -108,9 +115,10 @@ def reseed_dead_codes(model: MultiScaleVQVAE, images: torch.Tensor, dead: torch.
 def codebook_use(model: MultiScaleVQVAE, dataset, count: int, batch_size: int = 64) -> float:
     """Fraction of the codebook that the tokens of ``count`` held-out images use."""
     seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool)
+    device = model.quantize.embedding.weight.device
     for start in range(0, min(count, len(dataset)), batch_size):
         images = torch.stack([dataset[i][0] for i in range(start, min(count, len(dataset), start + batch_size))])
-        for tokens in model.encode(images):
+        for tokens in model.encode(images.to(device)):
             seen[tokens.flatten().cpu()] = True
     return float(seen.float().mean())
 
@@ -127,8 +135,10 @@ def evaluate(model: MultiScaleVQVAE, dataset, count: int, batch_size: int = 64) 
     totals = {"psnr": 0.0, "l1": 0.0}
     per_scale_psnr = None
     seen = 0
+    device = model.quantize.embedding.weight.device
     for start in range(0, min(count, len(dataset)), batch_size):
         images = torch.stack([dataset[i][0] for i in range(start, min(count, len(dataset), start + batch_size))])
+        images = images.to(device)
         _, f_hats = model.quantize.quantize(model.encode_latent(images))
         scale_psnr = [psnr(model.decode(f), images) for f in f_hats]
         recon = model.decode(f_hats[-1])
@@ -148,7 +158,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    info = setup_distributed(args.dist_timeout)
+    info = setup_distributed(args.dist_timeout, args.device)
+    check_precision(info.device, args.precision)
     run = RunFolder(args.run_dir)
     if info.is_main:
         check_output_dir(run.path)
@@ -157,6 +168,7 @@ def main(argv=None) -> None:
     model = MultiScaleVQVAE(preset.tokenizer).to(info.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     ema = EMA(model, args.ema) if args.ema > 0 else None
+    scaler = loss_scaler(info.device, args.precision)
     train_set, class_names = build_dataset(args.data, "train", preset.tokenizer.image_size, args.train_size,
                                            args.seed, flip=True)
     val_set, _ = build_dataset(args.data, "val", preset.tokenizer.image_size, args.val_size, args.seed, flip=False)
@@ -167,6 +179,8 @@ def main(argv=None) -> None:
     state = run.load_latest()
     if state is not None:
         step, wall_seconds = restore_training_state(state, model, optimizer, ema)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         usage.hits = state["usage"]
         reseed_generator.set_state(state["reseed_rng"])
         reseeded_total = state["reseeded_total"]
@@ -184,7 +198,7 @@ def main(argv=None) -> None:
             run.save(step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.shadow if ema else None, "usage": usage.hits, "rng": rng_state(),
-                "reseed_rng": reseed_generator.get_state(), "step": step,
+                "reseed_rng": reseed_generator.get_state(), "step": step, "scaler": scaler.state_dict(),
                 "wall_seconds": wall_seconds + time.perf_counter() - started,
                 "reseeded_total": reseeded_total, "args": asdict(args),
             })
@@ -200,9 +214,11 @@ def main(argv=None) -> None:
         l1 = (reconstruction - images).abs().mean()
         l2 = F.mse_loss(reconstruction, images)
         loss = args.l1_weight * l1 + args.l2_weight * l2 + args.vq_weight * vq_loss
-        loss.backward()
+        scaler.scale(loss).backward()  # the scaler is a pass-through except for fp16
+        scaler.unscale_(optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
         if ema is not None:
             ema.update(model)
@@ -211,7 +227,8 @@ def main(argv=None) -> None:
         meter.add(len(images) * info.world_size)
 
         if args.reseed_every and step % args.reseed_every == 0:
-            hits = all_reduce_mean(usage.hits, info) * info.world_size
+            # NCCL reduces GPU tensors only: the counts travel on the training device
+            hits = all_reduce_mean(usage.hits.to(info.device), info).cpu() * info.world_size
             dead = (hits == 0).nonzero().flatten()
             used = float((hits > 0).float().mean())
             count = reseed_dead_codes(model, images, dead, reseed_generator) if info.is_main else 0

@@ -4,6 +4,9 @@
     python -m train.train_transformer --run-dir /tmp/runs/mvar --mode mvar --init-from /tmp/runs/var/var.safetensors
     torchrun --nproc_per_node 8 -m train.train_transformer --preset d16 --data /data/imagenet ...
 
+--device auto (default: CUDA when present) | cpu | cuda | cuda:N; under torchrun each rank uses the GPU
+of its LOCAL_RANK (NCCL), or the CPU (gloo). --precision fp16 (CUDA only) scales the loss dynamically.
+
 VAR mode: every iteration is a block-causal teacher-forced forward over all scales.
 MVAR mode (the paper's "parallel" schedule): an iteration trains either the joint block of the
 early scales 0..refine_step-1 under a block-diagonal mask, or exactly one windowed scale alone;
@@ -37,9 +40,11 @@ from .common import (
     autocast_context,
     batch_indices,
     check_output_dir,
+    check_precision,
     cleanup_distributed,
     command_line,
     exit_on_collective_failure,
+    loss_scaler,
     parse_dataclass_args,
     restore_training_state,
     rng_state,
@@ -70,7 +75,8 @@ class TransformerTraining:
     grad_clip: float = 2.0
     label_smoothing: float = 0.1
     cond_drop: float = 0.1  # label dropout to the null class, for classifier-free guidance
-    precision: str = "bf16"
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (torchrun: auto | cpu | cuda, one GPU per LOCAL_RANK)
     ema: float = 0.0
     save_every: int = 250
     log_every: int = 25
@@ -138,16 +144,17 @@ def evaluate(model: ScaleTransformer, tokenizer, tokens, labels, mode, batch_siz
     """Teacher-forced per-scale validation loss (no smoothing) and token accuracy, all scales."""
     model.eval()
     schedule = model.schedule
+    device = model.pos_1LC.device  # the token cache stays on the CPU; each batch goes to the model
     sums = torch.zeros(schedule.num_scales, 2)
     for start in range(0, len(tokens), batch_size):
-        batch_tokens = tokens[start : start + batch_size]
+        batch_tokens = tokens[start : start + batch_size].to(device)
         per_scale = split_scales(batch_tokens, schedule)
         inputs = tokenizer.teacher_forcing_inputs(per_scale)
-        with autocast_context(tokens.device, precision):
-            logits = model(labels[start : start + batch_size], inputs, mode)
+        with autocast_context(device, precision):
+            logits = model(labels[start : start + batch_size].to(device), inputs, mode)
         _, stats = scale_losses(logits.float(), batch_tokens, 0, schedule, 0.0)
         for scale, (loss, acc) in stats.items():
-            sums[scale] += torch.stack([loss, acc]) * len(batch_tokens)
+            sums[scale] += torch.stack([loss, acc]).cpu() * len(batch_tokens)
     model.train()
     sums /= len(tokens)
     return {"val_loss_per_scale": sums[:, 0].tolist(), "val_acc_per_scale": sums[:, 1].tolist(),
@@ -177,7 +184,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    info = setup_distributed(args.dist_timeout)
+    info = setup_distributed(args.dist_timeout, args.device)
+    check_precision(info.device, args.precision)
     run = RunFolder(args.run_dir)
     if info.is_main:
         check_output_dir(run.path)
@@ -211,10 +219,13 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     ema = EMA(model, args.ema) if args.ema > 0 else None
+    scaler = loss_scaler(info.device, args.precision)
     step, wall_seconds = 0, 0.0
     state = run.load_latest()
     if state is not None:
         step, wall_seconds = restore_training_state(state, model, optimizer, ema)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if info.is_main:
             print(f"resumed from step {step}")
 
@@ -231,6 +242,7 @@ def main(argv=None) -> None:
         if info.is_main:
             run.save(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "ema": ema.shadow if ema else None, "rng": rng_state(), "step": step,
+                            "scaler": scaler.state_dict(),
                             "wall_seconds": wall_seconds + time.perf_counter() - started, "args": asdict(args)})
 
     while step < stop_at:
@@ -247,9 +259,11 @@ def main(argv=None) -> None:
             logits = ddp(labels, inputs, mode, first, last)
         targets = flat[:, schedule.begin(first) : schedule.end(last)]
         loss, per_scale = scale_losses(logits.float(), targets, first, schedule, args.label_smoothing)
-        loss.backward()
+        scaler.scale(loss).backward()  # the scaler is a pass-through except for fp16
+        scaler.unscale_(optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
         if ema is not None:
             ema.update(model)
