@@ -114,7 +114,10 @@ def autocast_precisions(device) -> tuple[str, ...]:
     device = torch.device(device)
     if device.type != "cuda":
         return ("fp32", "bf16")
-    return ("fp32", "bf16", "fp16") if torch.cuda.is_bf16_supported() else ("fp32", "fp16")
+    # native bf16 from compute capability 8 (Ampere); torch.cuda.is_bf16_supported() also counts emulation,
+    # and asks the current device rather than this one
+    native = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
+    return ("fp32", "bf16", "fp16") if native else ("fp32", "fp16")
 
 
 def synchronize(device) -> None:

@@ -37,7 +37,7 @@ import torch
 from .attention import natten_available, windowed_attention
 from .benchmark import load_models, one_generation
 from .config import VAR_MODE, AttentionMode
-from .devices import DEVICE_HELP, describe_device, resolve_device
+from .devices import DEVICE_HELP, autocast_precisions, describe_device, resolve_device
 from .memory import DTYPES, MemoryJob, measure, measure_label
 from .sampling import SamplingConfig, generate_steps, set_precision
 
@@ -232,7 +232,7 @@ def choose_device(parser: argparse.ArgumentParser, value: str, quick: bool) -> t
 
 def run(plan: CheckPlan, device: torch.device) -> list[Row]:
     """Every row, in the table's order."""
-    offered = ("fp16", "bf16") if device.type == "cpu" or torch.cuda.is_bf16_supported() else ("fp16",)
+    offered = tuple(d for d in ("fp16", "bf16") if device.type == "cpu" or d in autocast_precisions(device))
     timed = "bf16" if "bf16" in offered else "fp16"
     rows = attention_rows(plan, device)
     rows += precision_rows(plan, device, offered)

@@ -39,7 +39,7 @@ def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_descriptions_and_precisions(two_gpus, monkeypatch):
     assert devices.describe_device("cpu") == f"CPU ({torch.get_num_threads()} threads)"
     assert devices.autocast_precisions("cpu") == ("fp32", "bf16")
     assert devices.autocast_precisions("cuda:0") == ("fp32", "bf16", "fp16")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a pre-Ampere GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no native bf16
     assert devices.autocast_precisions("cuda:0") == ("fp32", "fp16")
 
 

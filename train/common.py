@@ -211,12 +211,17 @@ def load_averages(model: torch.nn.Module, shadow: dict[str, torch.Tensor]) -> No
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU: draws made there (drop path)
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def check_output_dir(path: Path, need_bytes: int = 200 * 2**20) -> None:
@@ -336,9 +341,10 @@ def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=(
 def restore_training_state(state: dict, model: torch.nn.Module, optimizer, ema: EMA | None) -> tuple[int, float]:
     """Load model, optimiser, EMA and RNG state from a checkpoint dict; return (step, wall seconds so far)."""
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # moves its state onto the parameters' device itself
     if ema is not None and state.get("ema"):
-        ema.shadow = state["ema"]
+        where = {name: value.device for name, value in model.state_dict().items()}
+        ema.shadow = {name: value.to(where.get(name, value.device)) for name, value in state["ema"].items()}
     set_rng_state(state["rng"])
     return state["step"], state["wall_seconds"]
 
