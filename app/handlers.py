@@ -218,7 +218,7 @@ def place_models(models: LoadedModels, device) -> None:
     device = torch.device(device)
     with _PLACING:  # two first calls must not copy (in_precision) or run a half-moved model
         modules = [models.tokenizer, models.transformer, models.var_transformer]
-        for key, value in models.cache.items():
+        for key, value in list(models.cache.items()):  # other handlers may add entries meanwhile
             if isinstance(key, tuple) and key[:1] == ("weights",):
                 modules.extend(value)  # in_precision's (tokenizer, transformer, var_transformer) copies
         for module in modules:
