@@ -128,7 +128,8 @@ def token_cache(tokenizer, tokenizer_path, dataset, cache_dir, split: str, batch
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             images = torch.stack([image for image, _ in items])
-            tokens.append(torch.cat(tokenizer.encode(images), dim=1).to(torch.int16))
+            device = tokenizer.quant_conv.weight.device  # the images come from the CPU loader
+            tokens.append(torch.cat(tokenizer.encode(images.to(device)), dim=1).to(torch.int16).cpu())
             labels.extend(label for _, label in items)
             beat(len(labels))
         result = {"tokens": torch.cat(tokens), "labels": torch.tensor(labels)}
