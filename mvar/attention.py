@@ -58,10 +58,11 @@ GATHER_TILE = (8, 8)
 # larger problems are cut along batch and heads. 2**25 fp32 elements is 128 MiB.
 GATHER_CHUNK_ELEMENTS = 2**25
 
-# The timing table (python -m mvar.attention) times natten only up to MVAR's own largest windowed
-# grid: NATTEN's CPU path took ~1.7 s per call at 16x16 and ~68 s at 64x64 (B=2, H=16, D=64, k=7,
-# 2 loaded cores), against milliseconds for dense and gather.
-NATTEN_BENCHMARK_MAX_TOKENS = 16 * 16
+# The timing table (python -m mvar.attention) times natten up to 32x32 grids: NATTEN's CPU path
+# (flex attention without torch.compile, every query-key score evaluated) took ~30 ms per call at
+# 16x16, ~0.5 s at 32x32 and ~10 s at 64x64 (B=2, H=16, D=64, k=7, fp32, 2 cores), and the table
+# runs each backend 8 times per row.
+NATTEN_BENCHMARK_MAX_TOKENS = 32 * 32
 
 # Largest sequence the public mask builders materialise as an (L, L) bool matrix: 2**28 bytes is
 # 256 MiB. Beyond it a typo (a 10**5 grid) would exhaust memory instead of failing.
@@ -721,10 +722,10 @@ def format_table(rows: list[dict]) -> list[str]:
     gather's; "-" where a backend was not timed on a grid."""
     backends = [name for name in ("dense", "gather", "natten") if any(name in row for row in rows)]
     ratios = [name for name in backends if name != "gather" and "gather" in backends]
-    lines = [f"{'grid':>7} {'dtype':>9}" + "".join(f" {name:>16}" for name in backends)
+    lines = [f"{'grid':>7} {'dtype':>9}" + "".join(f" {name:>17}" for name in backends)
              + "".join(f" {name + '/gather':>14}" for name in ratios)]
     for row in rows:
-        cells = "".join(f" {row[name][0]:8.1f} ({row[name][1]:5.1f})" if name in row else f" {'-':>16}"
+        cells = "".join(f" {row[name][0]:8.1f} ({row[name][1]:6.1f})" if name in row else f" {'-':>17}"
                         for name in backends)
         ratio = "".join(f" {row[name][0] / row['gather'][0]:13.2f}x" if name in row else f" {'-':>14}"
                         for name in ratios)
@@ -737,7 +738,7 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, {threads} threads; B=2 H=16 D=64 k=7; forward, no grad; ms median (min)")
     if natten_available():
         side = math.isqrt(NATTEN_BENCHMARK_MAX_TOKENS)
-        print(f"natten (NATTEN's CPU flex-attention path) is timed up to {side}x{side} only: seconds per call")
+        print(f"natten (NATTEN's CPU flex-attention path) is timed up to {side}x{side} only (~10 s a call at 64x64)")
     else:
         print("natten is not importable: no natten column (pip install natten==0.21.7)")
     for line in format_table(benchmark()):
