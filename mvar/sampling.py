@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import checks
 from .config import VAR_MODE, AttentionMode
@@ -60,11 +61,18 @@ class ScaleStep:
     tokens: torch.Tensor  # (B, side*side)
     f_hat: torch.Tensor  # (B, Cvae, h, w): accumulated map after this scale
     preview: torch.Tensor | None  # (B or preview_samples, 3, H, W) in [0, 1], if previews were asked for
-    seconds: float  # wall time of this scale (transformer, sampling, accumulation, preview)
-    attention: dict[int, torch.Tensor] | None = None  # layer -> (B, H, nq, Nk), conditional branch
+    seconds: float  # wall time of this scale: generation, plus the preview and capture below
+    attention: dict[int, torch.Tensor] | None = None  # layer -> (B or capture_samples, H, nq, Nk), cond. branch
     attention_queries: torch.Tensor | None = None  # (nq,) query positions within the scale
     attention_keys_begin: int = 0  # flat position of key 0 (VAR: 0, MVAR: begin of this scale)
     kv_cache_bytes: int = 0  # bytes the KV cache holds allocated (VAR), 0 for MVAR
+    preview_seconds: float = 0.0  # of ``seconds``: decoding the preview
+    capture_seconds: float = 0.0  # of ``seconds``: computing the captured attention weights
+
+    @property
+    def generation_seconds(self) -> float:
+        """The scale's own work (transformer, sampling, accumulation), without preview and capture."""
+        return self.seconds - self.preview_seconds - self.capture_seconds
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,7 @@ def generate_steps(
     max_batch: int = 64,
     preview_samples: int | None = None,
     forced: ForcedTokens | None = None,
+    capture_samples: Sequence[int] | None = None,
 ) -> Iterator[ScaleStep]:
     """Generate B = len(labels) images, yielding after every scale.
 
@@ -288,7 +297,9 @@ def generate_steps(
     ({scale: token indices or None for all}) at the chosen layers, conditional branch only.
     preview_samples: decode previews of the first n samples only (None = all); a 256 px decode
     costs about as much as a whole scale of a d16 transformer, so a viewer showing one image
-    should not pay for the others. forced: tokens kept instead of sampled (editing), see ForcedTokens.
+    should not pay for the others; previews of all but the last scale decode the map at the scale's own
+    resolution (see :func:`decode_preview`). capture_samples: the samples whose attention is captured
+    (None = all). forced: tokens kept instead of sampled (editing), see ForcedTokens.
     Arguments are checked here, when called, not at the first step.
     """
     cfg = transformer.cfg
@@ -316,8 +327,14 @@ def generate_steps(
     capture_queries = _check_capture_queries(capture_queries, cfg.patch_nums)
     dtype = compute_dtype(transformer, dtype)
     forced = _check_forced(forced, cfg.patch_nums, len(labels), cfg.vocab_size)
+    if capture_samples is not None:
+        items = _integer_items(capture_samples)
+        if not items or not all(0 <= i < len(labels) for i in items):
+            raise ValueError(f"capture_samples must be a non-empty sequence of sample indices in "
+                             f"0..{len(labels) - 1}, got {checks.shown(capture_samples)}")
+        capture_samples = torch.tensor([int(i) for i in items])
     return _scale_steps(transformer, tokenizer, labels, seeds, sampling, mode, previews, dtype, layers,
-                        capture_queries, preview_samples, forced)
+                        capture_queries, preview_samples, forced, capture_samples)
 
 
 def _check_forced(forced, patch_nums: Sequence[int], batch: int, vocab: int) -> ForcedTokens | None:
@@ -341,8 +358,8 @@ def _check_forced(forced, patch_nums: Sequence[int], batch: int, vocab: int) -> 
 @torch.no_grad()
 def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labels: list[int], seeds: list[int],
                  sampling: SamplingConfig, mode: AttentionMode, previews: bool, dtype, layers: tuple[int, ...],
-                 capture_queries, preview_samples: int | None, forced: ForcedTokens | None = None
-                 ) -> Iterator[ScaleStep]:
+                 capture_queries, preview_samples: int | None, forced: ForcedTokens | None = None,
+                 capture_samples: torch.Tensor | None = None) -> Iterator[ScaleStep]:
     """The generation loop of :func:`generate_steps`, on checked arguments."""
     cfg = transformer.cfg
     device = transformer.pos_1LC.device
@@ -367,7 +384,7 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
         if capture_queries is not None and scale in capture_queries:
             chosen = capture_queries[scale]  # checked by generate_steps
             query_index = None if chosen is None else torch.tensor(chosen, dtype=torch.long)
-            capture = AttentionCapture(layers=layers, queries=query_index)
+            capture = AttentionCapture(layers=layers, queries=query_index, samples=capture_samples)
 
         with _autocast(device, dtype):
             step_input = None if scale_input is None else scale_input.repeat(2 if guided else 1, 1, 1)
@@ -385,17 +402,24 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
         if scale + 1 < schedule.num_scales:
             scale_input = tokenizer.scale_input(f_hat, scale + 1)
 
-        preview = None
+        preview, preview_seconds = None, 0.0
         if previews:
+            synchronize(device)
+            preview_started = time.perf_counter()
             with _autocast(device, dtype):
-                preview = decode_to_unit(tokenizer, f_hat[:preview_samples])
+                preview = decode_preview(tokenizer, f_hat[:preview_samples], side)
+            synchronize(device)
+            preview_seconds = time.perf_counter() - preview_started
         attention = None
         if capture is not None:
-            attention = {layer: w[:batch].float() for layer, w in capture.weights.items()}
+            # without samples the capture saw both CFG branches: keep the conditional rows
+            rows = slice(None) if capture_samples is not None else slice(0, batch)
+            attention = {layer: w[rows].float() for layer, w in capture.weights.items()}
         synchronize(device)  # CUDA runs ahead of the host: the scale's time must include its kernels
         yield ScaleStep(
             scale=scale, side=side, tokens=tokens, f_hat=f_hat, preview=preview,
             seconds=time.perf_counter() - started, attention=attention,
+            preview_seconds=preview_seconds, capture_seconds=0.0 if capture is None else capture.seconds,
             attention_queries=None if capture is None else (
                 capture.queries if capture.queries is not None else torch.arange(side * side)),
             attention_keys_begin=schedule.begin(scale) if mode.markov else 0,
@@ -449,6 +473,27 @@ def _choose_tokens(transformer: ScaleTransformer, hidden: torch.Tensor, cond, sa
 def decode_to_unit(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """f_hat -> images (B, 3, H, W) in [0, 1], fp32."""
     return tokenizer.decode(f_hat, chunk_size=chunk_size).float().add(1).mul(0.5).clamp(0, 1)
+
+
+# the smallest map a preview decodes: the decoder's GroupNorms need a few positions per group
+PREVIEW_MIN_SIDE = 4
+
+
+def decode_preview(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, side: int) -> torch.Tensor:
+    """The preview of a partial map at a cost its scale carries: f_hat (B, Cvae, h, w) area-downsampled to
+    ``side`` x ``side``, decoded there (the decoder is convolutional) and upsampled to the image size.
+
+    At the last scale (side == h) it is the full decode. A 256 px decode of a d16 tokenizer costs about as
+    much as a scale of the transformer, so full-size previews of every scale would cost more than the
+    generation itself; decoded at its own side, the preview of scale s costs (p_s / 16)^2 of that."""
+    height = f_hat.shape[-1]
+    side = max(side, PREVIEW_MIN_SIDE)
+    if side >= height:
+        return decode_to_unit(tokenizer, f_hat)
+    small = F.interpolate(f_hat.float(), size=(side, side), mode="area").to(f_hat.dtype)
+    image = decode_to_unit(tokenizer, small)
+    size = height * tokenizer.cfg.downsample
+    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ they load strictly through ``checkpoints.py``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -100,12 +101,16 @@ class AttentionCapture:
     ``queries``: positions within the current forward's sequence (None = all). After the
     forward, ``weights[layer]`` is (B, H, nq, Nk) over every key that forward could see
     (for VAR with a cache: all tokens of the scales so far; otherwise the sequence itself).
-    Only the requested rows are ever materialised.
+    ``samples``: batch rows to record (None = all; B is then their count), so a viewer showing one
+    sample of a CFG batch computes the weights of that row alone. Only the requested rows are ever
+    materialised; ``seconds`` adds up the time spent computing them (the capture's own cost).
     """
 
     layers: tuple[int, ...]
     queries: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +167,12 @@ class SelfAttention(nn.Module):
         else:
             out = attn_ops.dense_attention(q, k, v, scale=1.0, mask=plan.mask)
         if capture is not None and self.layer_index in capture.layers:
-            capture.weights[self.layer_index] = self.attention_rows(q, k, plan, cache, capture.queries)
+            started = time.perf_counter()
+            rows_q, rows_k = q, k
+            if capture.samples is not None:
+                rows_q, rows_k = q[capture.samples.to(q.device)], k[capture.samples.to(k.device)]
+            capture.weights[self.layer_index] = self.attention_rows(rows_q, rows_k, plan, cache, capture.queries)
+            capture.seconds += time.perf_counter() - started
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
     @torch.no_grad()

@@ -3,7 +3,10 @@ import torch
 
 from mvar.config import MVAR_MODE, VAR_MODE, AttentionMode
 from mvar.sampling import (
+    PREVIEW_MIN_SIDE,
     SamplingConfig,
+    decode_preview,
+    decode_to_unit,
     filter_logits,
     generate,
     generate_steps,
@@ -220,3 +223,37 @@ def test_arguments_are_checked_when_called_not_at_the_first_step(tiny_transforme
         generate_steps(tiny_transformer, tiny_tokenizer, [0], sampling=SamplingConfig(top_p=2.0))  # no next()
     with pytest.raises(ValueError, match="class id"):
         generate_steps(tiny_transformer, tiny_tokenizer, [99])
+
+
+def test_previews_cost_what_their_scale_carries_and_the_last_is_the_full_decode(tiny_transformer, tiny_tokenizer):
+    steps = list(generate_steps(tiny_transformer, tiny_tokenizer, [3], seeds=2, sampling=SETTINGS, mode=MVAR_MODE,
+                                previews=True))
+    for step in steps:
+        assert step.preview.shape == (1, 3, 64, 64) and 0 <= step.preview.min() <= step.preview.max() <= 1
+        assert 0 < step.preview_seconds < step.seconds and step.capture_seconds == 0
+        assert step.generation_seconds == pytest.approx(step.seconds - step.preview_seconds)
+    full = decode_to_unit(tiny_tokenizer, steps[-1].f_hat)
+    assert torch.equal(steps[-1].preview, full)
+    small = decode_to_unit(tiny_tokenizer, torch.nn.functional.interpolate(steps[7].f_hat, size=(10, 10),
+                                                                           mode="area"))
+    upsampled = torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(steps[7].preview, upsampled.clamp(0, 1))  # decoded at the scale's own 10x10
+    assert torch.equal(steps[0].preview, decode_preview(tiny_tokenizer, steps[0].f_hat, PREVIEW_MIN_SIDE))
+
+
+@pytest.mark.parametrize("mode", [VAR_MODE, MVAR_MODE])
+def test_capture_of_one_sample_equals_its_rows_of_the_full_capture(tiny_transformer, tiny_tokenizer, mode):
+    queries = dict.fromkeys(range(10))
+    both = list(generate_steps(tiny_transformer, tiny_tokenizer, [1, 2], seeds=4, sampling=SETTINGS, mode=mode,
+                               capture_layers=[0, 1], capture_queries=queries))
+    second = list(generate_steps(tiny_transformer, tiny_tokenizer, [1, 2], seeds=4, sampling=SETTINGS, mode=mode,
+                                 capture_layers=[0, 1], capture_queries=queries, capture_samples=[1]))
+    for a, b in zip(both, second, strict=True):
+        assert torch.equal(a.tokens, b.tokens)
+        assert b.capture_seconds > 0
+        for layer in (0, 1):
+            assert b.attention[layer].shape[0] == 1
+            torch.testing.assert_close(b.attention[layer][0], a.attention[layer][1])
+    with pytest.raises(ValueError, match="capture_samples"):
+        generate_steps(tiny_transformer, tiny_tokenizer, [1, 2], capture_layers=[0], capture_queries=queries,
+                       capture_samples=[2])
