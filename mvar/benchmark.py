@@ -26,7 +26,15 @@ from .attention import resolve_backend
 from .config import AttentionMode
 from .costs import flop_counter, generation_cost, teacher_forced_flops
 from .devices import add_device_flag, describe_device, device_from_flag, synchronize
-from .memory import DTYPES, MemoryJob, TrainingBatch, benchmark_request, measure, random_models, training_step
+from .memory import (
+    DTYPES,
+    MemoryJob,
+    benchmark_request,
+    measure,
+    random_models,
+    trainer_iteration,
+    training_setup,
+)
 from .sampling import decode_to_unit, generate_steps, set_precision
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
@@ -120,27 +128,32 @@ def counted_generation_flops(models: Models, mode: AttentionMode, batch: int, dt
     return counter.get_total_flops()
 
 
-def training_steps(models: Models, mode: AttentionMode, batch: int, dtype, repeats: int, ratio_k: int = 8) -> dict:
-    """Time of one optimiser step of each kind in the training cycle, and the cycle's average.
+def training_steps(models: Models, mode: AttentionMode, batch: int, dtype_name: str, repeats: int,
+                   ratio_k: int = 8) -> dict:
+    """Time of one training iteration of each kind in the cycle, and the cycle's average.
 
-    VAR: every step is the full sequence. MVAR: ``ratio_k`` joint steps, then one per windowed scale.
+    Each iteration is the trainer's: teacher-forcing inputs from the tokenizer, then
+    ``mvar.training.training_step`` (weighted CE, backward, clipping, AdamW with the trainer's groups)
+    on a fresh fp32 model under autocast. VAR: every step is the full sequence. MVAR: ``ratio_k``
+    joint steps, then one per windowed scale.
     """
     model = ScaleTransformer(models.transformer.cfg).to(models.transformer.pos_1LC.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cfg = model.cfg
-    data = TrainingBatch.random(cfg, batch, device=model.pos_1LC.device)
+    device = model.pos_1LC.device
+    optimizer, settings, scaler, tokens, labels = training_setup(model, models.tokenizer, batch, dtype_name)
     cycle = mode.training_cycle(model.schedule.num_scales, ratio_k)
     per_kind = {}
     for first, last in sorted(set(cycle)):
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up (AdamW state, kernels)
+            synchronize(device)
             started = time.perf_counter()
-            training_step(model, optimizer, data, mode, first, last, dtype)
+            trainer_iteration(model, models.tokenizer, tokens, labels, mode, first, last, optimizer, settings, scaler)
+            synchronize(device)
             times.append(time.perf_counter() - started)
         per_kind[f"{first}-{last}"] = {"seconds": statistics.median(times[1:]), "weight": cycle.count((first, last)),
                                        "spread": spread(times[1:])}
     average = sum(k["seconds"] * k["weight"] for k in per_kind.values()) / len(cycle)
-    flops = sum(teacher_forced_flops(cfg, mode, batch, first, last) for first, last in cycle) / len(cycle) * 3
+    flops = sum(teacher_forced_flops(model.cfg, mode, batch, first, last) for first, last in cycle) / len(cycle) * 3
     return {"average_step_seconds": average, "per_kind": per_kind, "analytic_flops_per_step": flops}
 
 
@@ -227,7 +240,7 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
                 entry["modes"][name][key] = measure(job)
     if "train" in wanted:
         for name, mode in modes.items():
-            entry["modes"][name]["train"] = training_steps(models, mode, batch, dtype, args.repeats)
+            entry["modes"][name]["train"] = training_steps(models, mode, batch, dtype_name, args.repeats)
     return entry
 
 

@@ -138,38 +138,26 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-@dataclass
-class TrainingBatch:
-    """Synthetic teacher-forcing data: labels (B,), inputs (B, L - n_0, Cvae), targets (B, L)."""
+def training_setup(model, tokenizer, batch: int, precision: str):
+    """What one training step of the trainer needs, for a measurement: AdamW with the trainer's groups,
+    the official step settings (no label smoothing, clipping at 2.0, every token 1/L), the fp16 loss
+    scaler on CUDA, and random tokens and labels (each iteration derives its teacher-forcing inputs)."""
+    from .training import StepSettings, configure_optimizers, loss_scaler, random_tokens
 
-    labels: torch.Tensor
-    inputs: torch.Tensor
-    targets: torch.Tensor
-
-    @classmethod
-    def random(cls, cfg, batch: int, seed: int = 0, device="cpu") -> TrainingBatch:
-        generator = torch.Generator().manual_seed(seed)
-        schedule = cfg.schedule
-        targets = torch.randint(0, cfg.vocab_size, (batch, schedule.total_tokens), generator=generator)
-        inputs = torch.randn(batch, schedule.total_tokens - schedule.tokens(0), cfg.latent_channels,
-                             generator=generator)
-        labels = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
-        return cls(labels.to(device), inputs.to(device), targets.to(device))
+    device = model.pos_1LC.device
+    optimizer = configure_optimizers(model, lr=1e-4, weight_decay=0.05, log=None)
+    settings = StepSettings(precision=precision)
+    scaler = loss_scaler(device, precision) if device.type == "cuda" else None  # CPU fp16 runs unscaled
+    tokens, labels = random_tokens(tokenizer.cfg, batch, model.cfg.num_classes, device=device)
+    return optimizer, settings, scaler, tokens, labels
 
 
-def training_step(model, optimizer, data: TrainingBatch, mode, first: int, last: int, dtype) -> float:
-    """One optimiser step (forward, backward, AdamW) on scales first..last, as the trainer takes it."""
-    import torch.nn.functional as F
+def trainer_iteration(model, tokenizer, tokens, labels, mode, first: int, last: int, optimizer, settings, scaler):
+    """One iteration as the trainer runs it: teacher-forcing inputs from the tokenizer, then the step."""
+    from .training import TrainingBatch, training_step
 
-    schedule = model.schedule
-    with torch.autocast(data.targets.device.type, dtype=dtype, enabled=dtype is not None):
-        logits = model(data.labels, data.inputs, mode, first, last)
-    target = data.targets[:, schedule.begin(first) : schedule.end(last)]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), label_smoothing=0.1)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # the gradients are not kept alive through the next forward
-    return loss.item()
+    batch = TrainingBatch.from_tokens(tokenizer, tokens, labels)
+    return training_step(model, batch, mode, first, last, optimizer, settings, scaler)
 
 
 def _build_models(job: MemoryJob, device: torch.device):
@@ -201,7 +189,8 @@ def _peak(device: torch.device) -> tuple[int, str]:
 
 
 def run_training_job(job: MemoryJob) -> dict:
-    """Peak memory of one optimiser step of every kind in the training cycle (the largest counts).
+    """Peak memory of one training iteration of every kind in the cycle (the largest counts), each
+    the trainer's own (``mvar.training.training_step``, teacher-forcing inputs included).
 
     The baseline is taken after a warm-up cycle, so it holds the fp32 weights and AdamW's state
     (the same for VAR and MVAR); the peak adds activations and gradients.
@@ -211,19 +200,18 @@ def run_training_job(job: MemoryJob) -> dict:
     from .config import AttentionMode
 
     device = torch.device(job.device)
-    model = _build_models(job, device)[1].train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokenizer, model = _build_models(job, device)
+    tokenizer.eval().requires_grad_(False)
+    model.train().requires_grad_(True)
+    optimizer, settings, scaler, tokens, labels = training_setup(model, tokenizer, job.batch, job.dtype)
     mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
-    dtype = DTYPES[job.dtype]
-    data = TrainingBatch.random(model.cfg, job.batch, device=device)
     kinds = sorted(set(mode.training_cycle(model.schedule.num_scales, job.ratio_k)))
     for first, last in kinds:  # warm-up: allocates AdamW's state
-        training_step(model, optimizer, data, mode, first, last, dtype)
-    optimizer.zero_grad(set_to_none=True)
+        trainer_iteration(model, tokenizer, tokens, labels, mode, first, last, optimizer, settings, scaler)
     baseline = _start_measuring(device)
     started = time.perf_counter()
     for first, last in kinds:
-        training_step(model, optimizer, data, mode, first, last, dtype)
+        trainer_iteration(model, tokenizer, tokens, labels, mode, first, last, optimizer, settings, scaler)
     peak, kind = _peak(device)
     return {"job": asdict(job), "peak_bytes": peak - baseline, "baseline_bytes": baseline, "measure": kind,
             "label": measure_label(device), "seconds": time.perf_counter() - started}

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mvar.devices import distributed_device, resolve_device
+from mvar.training import PRECISIONS, autocast, loss_scaler  # noqa: F401 - loss_scaler: re-exported for the scripts
 
 # ---------------------------------------------------------------------------------------------
 # Distributed
@@ -182,6 +183,41 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, final_ratio: 
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+SCHEDULES = ("lin0", "lin", "lin00", "cos", "exp")  # the transformer's --schedule (VAR's and MVAR's names)
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int, wp0: float = 0.005, wpe: float = 0.01) -> float:
+    """VAR's and MVAR's learning-rate multiplier at ``step`` (0-based) of a ``total``-step run.
+
+    Warm-up: linear from ``wp0`` (step 0) towards 1 over ``warmup`` steps. Then, with ``done`` going
+    from 0 (end of warm-up) to 1 (the last step, ``total - 1``), down to ``wpe``:
+    "lin0" holds 1 for the first 5% of ``done`` then falls linearly; "lin" the same after 15%;
+    "lin00" falls linearly from the start; "cos" is a half cosine; "exp" holds for 15% then
+    falls exponentially. (The official code also has "lin<T>" for progressive training; not here.)
+    """
+    if step < warmup:
+        return wp0 + (1 - wp0) * step / warmup
+    done = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    if schedule == "cos":
+        return wpe + (1 - wpe) * 0.5 * (1 + math.cos(math.pi * done))
+    if schedule == "lin00":
+        return wpe + (1 - wpe) * (1 - done)
+    if schedule in ("lin0", "lin", "exp"):
+        hold = 0.05 if schedule == "lin0" else 0.15
+        if done < hold:
+            return 1.0
+        if schedule == "exp":
+            return math.exp((done - hold) / (1 - hold) * math.log(wpe))
+        return wpe + (1 - wpe) * (1 - done) / (1 - hold)
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+def weight_decay_at(step: int, total: int, start: float, end: float) -> float:
+    """The official weight decay: half cosine from ``start`` (step 0) to ``end`` (step total-1);
+    constant when they are equal (the official default: twde unset means twde = twd)."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total - 1))))
+
+
 class EMA:
     """Exponential moving average of a model's floating-point parameters (fp32 copies)."""
 
@@ -293,9 +329,6 @@ class Throughput:
         return self.samples / max(1e-9, time.perf_counter() - self.started)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # the training scripts' --precision
-
-
 def check_precision(device: torch.device, precision: str) -> None:
     """fp32 and bf16 everywhere, fp16 on CUDA only (CPU autocast to fp16 is slow and has no loss scaling here)."""
     if precision not in PRECISIONS:
@@ -305,17 +338,9 @@ def check_precision(device: torch.device, precision: str) -> None:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CPU; bf16 or fp16 on CUDA; nothing for fp32."""
+    """bf16 autocast on CPU; bf16 or fp16 on CUDA; nothing for fp32 (the training step's own autocast)."""
     check_precision(device, precision)
-    if precision == "fp32":
-        return torch.autocast(device_type=device.type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    """fp16's dynamic loss scaling (small fp16 gradients would flush to zero); a pass-through otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return autocast(device, precision)
 
 
 def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=("run_dir",)):
@@ -325,8 +350,8 @@ def parse_dataclass_args(cls, prog: str, description: str, argv=None, required=(
         flag = "--" + f.name.replace("_", "-")
         if f.name in required:
             parser.add_argument(flag, required=True)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+        else:  # a field whose default is None ("decided later") names its type in its metadata
+            parser.add_argument(flag, type=f.metadata.get("type", type(f.default)), default=f.default)
     parsed = cls(**vars(parser.parse_args(argv)))
     for name in ("steps", "batch_size", "save_every", "log_every"):
         if hasattr(parsed, name) and getattr(parsed, name) < 1:
