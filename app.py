@@ -19,9 +19,10 @@ for the views (scale slider, attention) of all sessions together stay within --k
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
-from app.layout import DEFAULT_KEEP_MIB, DEFAULT_TIME_LIMIT, build_app
+from app.page import CSS, DEFAULT_KEEP_MIB, DEFAULT_TIME_LIMIT, build_app
 from app.registry import ModelEntry, ModelRegistry
 from app.zerogpu import GpuTasks
 from mvar.devices import DEVICE_HELP, resolve_device
@@ -76,6 +77,10 @@ def placement(device: str) -> tuple[str, GpuTasks]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # one line per refused request or stopped generation (policy.py); tracebacks only for real failures
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     extra = []
     if args.transformer or args.tokenizer:
         if not (args.transformer and args.tokenizer):
@@ -86,7 +91,7 @@ def main(argv=None) -> None:
     registry = ModelRegistry(args.models_dir, allow_download=args.download, extra=extra, device=device)
     demo = build_app(registry, time_limit=args.time_limit, keep_mib=args.keep_mib, gpu=gpu)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port)
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS)
 
 
 if __name__ == "__main__":

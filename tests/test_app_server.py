@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.handlers import GenerationRecord, ModelRun, UserError
-from app.layout import GenerationStore, readable_errors, record_bytes
+from app.handlers import GenerationRecord, ModelRun, Settings, UserError
+from app.policy import GenerationStore, ImageFiles, record_bytes, ui_event
 from mvar.config import VAR_MODE
+from mvar.sampling import SamplingConfig
 
 from .app_server import AppServer
 
@@ -27,8 +28,8 @@ BUSY_CLIENT = "Queue is full! Please try again."  # what gradio_client raises (Q
 
 
 def generate_args(seed: int = 1, images: int = 1, class_name: str = "class-1") -> tuple:
-    # model, class, seed, cfg, top-k, top-p, Gumbel smoothing, images, precision
-    return "custom", class_name, seed, 1.0, 10, 0.95, False, images, "fp32"
+    # model, class_name, seed, cfg, top_k, top_p, images, precision
+    return "custom", class_name, seed, 1.0, 10, 0.95, images, "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +41,53 @@ def server(tmp_path_factory):
 
 def test_gradio_client_generates_images(server):
     from gradio_client import Client
-
-    client = Client(server.url, verbose=False)
-    result = client.predict("custom", "class-2", 11, 1.0, 10, 0.95, False, 1, "fp32", api_name="/generate")
-    mvar_image, var_image, status = result[0], result[1], result[2]
     from PIL import Image
 
-    for path in (mvar_image, var_image):
-        with Image.open(path) as image:
-            assert image.size == (320, 320)  # 64 px previews shown enlarged
-    assert status.startswith("done")
-    downloads = [item for item in result if isinstance(item, list)][0]
-    assert len(downloads) == 2
-    for path in downloads:
-        with Image.open(path) as image:
+    client = Client(server.url, verbose=False)
+    mvar, var, generation = client.predict(*generate_args(seed=11, images=2), api_name="/generate")
+    assert len(mvar) == len(var) == 2
+    for item in mvar + var:
+        with Image.open(item["image"]) as image:
             assert image.size == (64, 64) and image.format == "PNG"
+    assert generation["seed"] == 11 and generation["class_name"] == "class-1"
+    assert generation["mvar"]["generation_ms"] > 0 and generation["generation_id"]
+    attention = client.predict(generation["generation_id"], 10, 15, 15, 2, api_name="/attention")
+    assert len(attention["mvar_grid"]) == 16 and attention["window"] == [9, 9, 7, 7]
+    assert abs(sum(attention["var_mass_per_scale"]) - 1) < 1e-3 and "Token (15, 15)" in attention["caption"]
+    models = client.predict(api_name="/models")
+    assert models[0]["key"] == "custom"
+    client.close()
 
 
-def test_gradio_client_bad_class_gets_a_message_not_a_crash(server):
+def test_the_api_is_small_named_and_typed(server):
     from gradio_client import Client
 
     client = Client(server.url, verbose=False)
-    with pytest.raises(Exception, match="not in the list of choices"):
-        client.predict("custom", "no-such-class", 1, 1.0, 10, 0.95, False, 1, "fp32", api_name="/generate")
-    with pytest.raises(Exception, match="top_k must be an integer"):
-        client.predict("custom", "class-1", 1, 1.0, -3, 0.95, False, 1, "fp32", api_name="/generate")
+    info = client.view_api(return_format="dict", print_info=False)
+    assert sorted(info["named_endpoints"]) == ["/attention", "/generate", "/models"]
+    assert not info["unnamed_endpoints"]
+    generate = info["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in generate["parameters"]]
+    assert names == ["model", "class_name", "seed", "cfg", "top_k", "top_p", "images", "precision"]
+    types = {p["parameter_name"]: p["python_type"]["type"] for p in generate["parameters"]}
+    assert types["seed"] == types["images"] == types["top_k"] == "int" and types["cfg"] == "float"
+    assert [r["label"] for r in generate["returns"]] == ["mvar_images", "var_images", "generation"]
+    client.close()
+
+
+def test_gradio_client_bad_input_gets_a_message_not_a_crash(server):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False)
+    with pytest.raises(Exception, match="Class must be one of the 12 in the list, got 'no-such-class'"):
+        client.predict("custom", "no-such-class", 1, 1.0, 10, 0.95, 1, "fp32", api_name="/generate")
+    with pytest.raises(Exception, match="top-k must be a whole number from 0 to 32, got -3"):
+        client.predict("custom", "class-1", 1, 1.0, -3, 0.95, 1, "fp32", api_name="/generate")
     # still up: a good request works afterwards
-    assert client.predict("custom", "class-1", 1, 1.0, 10, 0.95, False, 1, "fp32", api_name="/generate")[2]
+    assert client.predict(*generate_args(), api_name="/generate")[2]["seed"] == 1
+    client.close()
+    log = Path(server.log.name).read_text()
+    assert "refused generate: top-k must be" in log and "Traceback" not in log  # one line per refusal
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
@@ -154,10 +175,10 @@ def test_full_queue_refuses_extra_requests_with_a_busy_message(busy_server):
         with pytest.raises(QueueError, match="Queue is full"):
             job.result(timeout=60)
     for job in held:  # the accepted ones are served
-        assert job.result(timeout=180)[2].startswith("done")
+        assert job.result(timeout=180)[2]["generation_id"]
     assert busy_server.process.poll() is None
     # the server is free again: a new request goes through
-    assert extra_clients[0].predict(*generate_args(seed=20), api_name="/generate")[2].startswith("done")
+    assert extra_clients[0].predict(*generate_args(seed=20), api_name="/generate")[2]["seed"] == 20
     for client in extra_clients + holders:
         client.close()
 
@@ -191,7 +212,8 @@ def test_full_queue_shows_busy_in_the_page(busy_server):
 
 @pytest.fixture(scope="module")
 def limited_server(tmp_path_factory):
-    app = AppServer(tmp_path_factory.mktemp("limited"), ["--time-limit", "0.2"])
+    # 1 ms: far less than the 20 frames of any generation take, so the limit is always reached
+    app = AppServer(tmp_path_factory.mktemp("limited"), ["--time-limit", "0.001"])
     yield app
     app.stop()
 
@@ -201,12 +223,12 @@ def test_generation_past_the_time_limit_is_stopped_with_a_message(limited_server
 
     client = Client(limited_server.url, verbose=False)
     for seed in (1, 2):  # and the server keeps serving
-        with pytest.raises(Exception, match=r"took longer than the 0\.2 s limit"):
+        with pytest.raises(Exception, match=r"took longer than the 0\.001 s limit"):
             client.predict(*generate_args(seed=seed), api_name="/generate")
     client.close()
     assert limited_server.process.poll() is None
     log = Path(limited_server.log.name).read_text()
-    assert "stopped at the 0.2 s time limit" in log
+    assert "stopped at the 0.001 s time limit" in log
 
 
 def test_time_limit_closes_the_handler_between_frames():
@@ -221,15 +243,15 @@ def test_time_limit_closes_the_handler_between_frames():
         finally:
             closed.append(True)
 
-    wrapped = readable_errors(slow_frames, time_limit=0.2)
-    received = []
-    with pytest.raises(gr.Error, match="took longer than the 0.2 s limit"):
-        for frame in wrapped():
-            received.append(frame)
+    wrapped = ui_event(slow_frames, outputs=1, time_limit=0.2)
+    with pytest.warns(UserWarning, match="took longer than the 0.2 s limit"):
+        received = list(wrapped())
     assert closed == [True]  # the handler's own cleanup ran
-    assert 2 <= len(received) <= 4 and len(produced) == len(received) + 1  # the late frame was dropped
+    frames = [r for r in received if isinstance(r, int)]
+    assert len(produced) == len(frames) + 1  # the late frame was dropped
+    assert isinstance(received[-1], type(gr.skip()))  # and the outputs keep what they showed
     time.sleep(0.2)
-    assert len(produced) == len(received) + 1  # and nothing ran after the stop
+    assert len(produced) == len(frames) + 1  # nothing ran after the stop
 
 
 def test_closing_the_wrapper_closes_the_handler():
@@ -241,22 +263,26 @@ def test_closing_the_wrapper_closes_the_handler():
         finally:
             closed.append(True)
 
-    gen = readable_errors(frames, time_limit=60)()
+    gen = ui_event(frames, outputs=1, time_limit=60)()
     assert next(gen) == 0
-    gen.close()  # what Gradio does when the user cancels or leaves
+    gen.close()  # what Gradio does when the user cancels (Stop) or leaves
     assert closed == [True]
 
 
-def test_no_time_limit_and_errors_still_become_messages():
+def test_a_refusal_keeps_the_outputs_and_says_why():
     def frames():
         yield 1
-        raise UserError("bad class")
+        raise UserError("Class must be one of the 12 in the list")
 
-    wrapped = readable_errors(frames)
-    gen = wrapped()
-    assert next(gen) == 1
-    with pytest.raises(gr.Error, match="bad class"):
-        next(gen)
+    with pytest.warns(UserWarning, match="Class must be one of the 12"):
+        received = list(ui_event(frames, outputs=3)())
+    assert received[0] == 1 and received[1] == tuple(gr.skip() for _ in range(3))
+
+    def handler(value):
+        raise UserError(f"Token row must be a whole number from 0 to 15, got {value}")
+
+    with pytest.warns(UserWarning, match="got 16"):
+        assert ui_event(handler, outputs=2)(16) == (gr.skip(), gr.skip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,29 +291,54 @@ def test_no_time_limit_and_errors_still_become_messages():
 
 
 def fake_record(seed: int, attention_bytes: int) -> GenerationRecord:
-    run = ModelRun(mode=VAR_MODE, previews=[np.zeros((4, 4, 3), np.uint8)],
-                   attention=[{0: torch.zeros(attention_bytes // 2, dtype=torch.float16)}])
-    return GenerationRecord("m", "c", seed, (1,), (0,), 1, 3, 1, {"MVAR": run, "VAR": ModelRun(mode=VAR_MODE)})
+    run = ModelRun(mode=VAR_MODE, previews={0: [np.zeros((4, 4, 3), np.uint8)]},
+                   attention={0: [{0: torch.zeros(attention_bytes // 2, dtype=torch.float16)}]})
+    settings = Settings("c", 0, seed, SamplingConfig(), 1, "fp32", VAR_MODE)
+    return GenerationRecord("m", settings, (1,), (0,), 1, {"MVAR": run, "VAR": ModelRun(mode=VAR_MODE)})
 
 
 def test_generation_store_keeps_one_record_per_session_within_its_budget():
     assert record_bytes(fake_record(0, 1000)) == 1000 + 48
-    store = GenerationStore(budget_bytes=3 * 1048)
+    forgotten = []
+    store = GenerationStore(budget_bytes=3 * 1048, on_forget=forgotten.append)
     first = store.put("alice", fake_record(1, 1000))
     assert store.get(first).seed == 1 and store.get(None) is None
     second = store.put("alice", fake_record(2, 1000))  # a new generation replaces the session's last one
-    assert len(store) == 1 and store.get(second).seed == 2
+    assert len(store) == 1 and store.get(second).seed == 2 and forgotten == [first]
     with pytest.raises(UserError, match="no longer kept"):
         store.get(first)
     bob, carol = store.put("bob", fake_record(3, 1000)), store.put("carol", fake_record(4, 1000))
     store.get(second)  # alice's is now the most recently used
     store.put("dave", fake_record(5, 1000))  # over budget: the least recently used (bob's) goes
-    assert store.nbytes <= 3 * 1048
+    assert store.nbytes <= 3 * 1048 and forgotten[-1] == bob
     with pytest.raises(UserError):
         store.get(bob)
     assert store.get(carol).seed == 4 and store.get(second).seed == 2
     store.drop_session("carol")  # the page closed
+    assert forgotten[-1] == carol
     with pytest.raises(UserError):
         store.get(carol)
     huge = store.put("erin", fake_record(6, 10_000))  # bigger than the budget: the newest is still kept
     assert len(store) == 1 and store.get(huge).seed == 6
+
+
+def test_image_files_are_written_once_atomically_and_downloads_go_with_their_record(tmp_path):
+    files = ImageFiles(tmp_path / "files", max_files=3)
+    image = np.full((8, 8, 3), 7, np.uint8)
+    path = files.shown(image)
+    inode = Path(path).stat().st_ino
+    assert files.shown(image.copy()) == path and Path(path).stat().st_ino == inode  # the same file, not rewritten
+    assert not list((tmp_path / "files" / "shown").glob(".*"))  # no temp files left
+    for value in range(5):
+        files.shown(np.full((8, 8, 3), value, np.uint8))
+    assert len(list((tmp_path / "files" / "shown").glob("*.png"))) == 3  # bounded
+    store = GenerationStore(budget_bytes=10**9, on_forget=files.forget)
+    token = store.put("alice", fake_record(1, 10))
+    paths = files.downloads(token, {"mvar-c-seed1.png": image})
+    assert Path(paths[0]).exists() and files.download_folders() == [token]
+    store.drop_session("alice")  # the page closed: its downloads go with its record
+    assert files.download_folders() == [] and not Path(paths[0]).exists()
+    newer = store.put("bob", fake_record(2, 10))
+    files.downloads(newer, {"a.png": image})
+    store.put("bob", fake_record(3, 10))  # bob's next generation replaces the record, and its files
+    assert newer not in files.download_folders()

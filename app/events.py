@@ -1,0 +1,386 @@
+"""Event wiring: which widget change runs which handler, and the app's small named API.
+
+Page events are private (not in the API) and wrapped by ``policy.ui_event``: a refused input shows its
+message and leaves every output as it was. The named API (``/generate``, ``/attention``, ``/models``) has
+typed, named parameters and outputs, and raises ``gr.Error`` for a refusal, so a script sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from mvar.config import MVAR_MODE, PRESETS, VAR_MODE
+from mvar.memory import release_freed_memory
+
+from . import handlers, plots
+from .handlers import Filmstrip, GenerationRecord, UserError
+from .layout import OVERLAY_SIZE, Page, example_presets, model_text
+from .policy import GenerationStore, ImageFiles, ServerLimits, api_endpoint, ui_event, within_time_limit
+from .registry import ModelRegistry
+from .tasks import ModelTasks
+from .zerogpu import GpuTasks
+
+DISPLAY_SIZE = 320  # previews are tiny (64 px for the default models): shown enlarged, with crisp pixels
+PRIVATE = dict(api_visibility="private")
+
+
+@dataclass
+class Services:
+    registry: ModelRegistry
+    store: GenerationStore
+    files: ImageFiles
+    tasks: ModelTasks
+    limits: ServerLimits
+    gpu: GpuTasks
+    memory_label: str
+
+
+@dataclass
+class ApiWidgets:
+    """Hidden components that give the API its typed, named parameters and outputs."""
+
+    trigger: gr.Button
+    model: gr.Textbox
+    class_name: gr.Textbox
+    seed: gr.Number
+    cfg: gr.Number
+    top_k: gr.Number
+    top_p: gr.Number
+    images: gr.Number
+    precision: gr.Textbox
+    mvar_images: gr.Gallery
+    var_images: gr.Gallery
+    generation: gr.JSON
+    generation_id: gr.Textbox
+    scale: gr.Number
+    row: gr.Number
+    col: gr.Number
+    sample: gr.Number
+    attention: gr.JSON
+    models: gr.JSON
+
+
+def api_widgets() -> ApiWidgets:
+    with gr.Group(visible=False):
+        widgets = ApiWidgets(
+            trigger=gr.Button("api"), model=gr.Textbox(label="model"), class_name=gr.Textbox(label="class_name"),
+            seed=gr.Number(label="seed", precision=0), cfg=gr.Number(label="cfg"),
+            top_k=gr.Number(label="top_k", precision=0), top_p=gr.Number(label="top_p"),
+            images=gr.Number(label="images", precision=0), precision=gr.Textbox(label="precision"),
+            mvar_images=gr.Gallery(label="mvar_images"), var_images=gr.Gallery(label="var_images"),
+            generation=gr.JSON(label="generation"), generation_id=gr.Textbox(label="generation_id"),
+            scale=gr.Number(label="scale", precision=0), row=gr.Number(label="row", precision=0),
+            col=gr.Number(label="col", precision=0), sample=gr.Number(label="sample", precision=0),
+            attention=gr.JSON(label="attention"), models=gr.JSON(label="models"))
+    return widgets
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning handler data into widget values
+# ---------------------------------------------------------------------------------------------
+
+
+def shown(files: ImageFiles, image):
+    """A preview enlarged for the page, as a PNG file written once (see ``policy.ImageFiles``)."""
+    if image is None:
+        return None
+    return files.shown(plots.upscale(image, max(DISPLAY_SIZE, image.shape[0])))
+
+
+def strip_file(files: ImageFiles, strip: Filmstrip | None):
+    return None if strip is None else files.shown(plots.filmstrip(strip.frames, strip.labels, strip.current))
+
+
+def image_label(name: str, record: GenerationRecord | None, scale: int, num_scales: int, side: int) -> str:
+    column = "MVAR" if name == "MVAR" else "VAR baseline"
+    return f"{column}, {handlers.scale_name(scale, num_scales, side)}"
+
+
+def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> None:
+    registry, store, files, tasks = services.registry, services.store, services.files, services.tasks
+    head, gen, att, abl, ana, mem, cost = (page.header, page.generate, page.attention, page.ablation, page.analysis,
+                                           page.memory, page.costs)
+    token_scale = gr.State(None)  # the 0-based scale the token row / column boxes refer to
+
+    # ----- model choice -----------------------------------------------------------------------
+    def on_model(key, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress bar
+        progress(0, desc="loading the model (downloading it first if it comes from the hub)")
+        models = handlers.load_models(registry, key, progress)
+        num_scales = len(models.transformer.cfg.patch_nums)
+        return (gr.update(choices=models.class_names, value=models.class_names[0]), model_text(models),
+                models.sampling["cfg"], models.sampling["top_k"], models.sampling["top_p"],
+                handlers.default_precision(models, tasks.precisions),
+                gr.update(choices=handlers.kernel_choices(models), value=str(models.mvar_mode.kernel_size)),
+                models.mvar_mode.refine_step, gr.Dataset(samples=example_presets(models.class_names)),
+                gr.update(maximum=num_scales, value=num_scales))
+
+    model_outputs = [gen.class_name, head.model_note, gen.cfg, gen.top_k, gen.top_p, gen.precision, gen.kernel,
+                     gen.refine_step, gen.examples, gen.scale]
+    head.model.change(ui_event(on_model, len(model_outputs)), head.model, model_outputs, **PRIVATE)
+    gen.dice.click(handlers.random_seed, None, gen.seed, **PRIVATE)
+    gen.examples.click(lambda sample: (sample[0], sample[1]), gen.examples, [gen.class_name, gen.seed], **PRIVATE)
+
+    # ----- generation -------------------------------------------------------------------------
+    gen_outputs = [gen.mvar_image, gen.var_image, gen.status, head.record, gen.scale, gen.sample, gen.mvar_gallery,
+                   gen.var_gallery, gen.mvar_strip, gen.var_strip, gen.downloads, att.layer, att.head]
+    skip_rest = tuple(gr.skip() for _ in gen_outputs[3:])
+
+    def on_generate(key, cls, seed, cfg, k, p, smooth, count, precision, kernel, refine, request: gr.Request):
+        frames = tasks.frames(key, cls, seed, cfg, k, p, smooth, count, precision, kernel, refine)
+        try:
+            for frame in frames:
+                rec = frame.record
+                num_scales = len(rec.patch_nums) if rec else None
+                images = []
+                for name, image in (("MVAR", frame.mvar_image), ("VAR", frame.var_image)):
+                    label = "MVAR" if name == "MVAR" else "VAR baseline"
+                    if image is not None:
+                        label = f"{label}, scale {frame.scale + 1}"
+                    images.append(gr.update(value=shown(files, image), label=label))
+                if rec is None:
+                    yield (*images, frame.status, *skip_rest)
+                    continue
+                token = store.put(request.session_hash if request else None, rec)
+                finals = handlers.final_images(rec)
+                downloads = files.downloads(token, {handlers.download_name(rec, name, i): image
+                                                    for name, images_ in finals.items()
+                                                    for i, image in enumerate(images_)})
+                strips = handlers.filmstrips(rec)
+                side = rec.patch_nums[-1]
+                labels = [image_label(n, rec, num_scales - 1, num_scales, side) for n in ("MVAR", "VAR")]
+                yield (gr.update(value=images[0]["value"], label=labels[0]),
+                       gr.update(value=images[1]["value"], label=labels[1]), frame.status, token,
+                       gr.update(maximum=num_scales, value=num_scales),
+                       gr.update(choices=[str(i + 1) for i in range(rec.num_images)], value="1"),
+                       [(files.shown(image), f"sample {i + 1}") for i, image in enumerate(finals["MVAR"])],
+                       [(files.shown(image), f"sample {i + 1}") for i, image in enumerate(finals["VAR"])],
+                       strip_file(files, strips[0]), strip_file(files, strips[1]), downloads,
+                       gr.update(choices=["mean"] + [str(i) for i in rec.captured_layers], value="mean"),
+                       gr.update(choices=["mean"] + [str(i) for i in range(rec.num_heads)], value="mean"))
+        finally:
+            frames.close()
+            release_freed_memory()
+
+    # concurrency: the queue's default_concurrency_limit (--concurrency), shared with analysis and memory
+    generation = gen.run.click(
+        ui_event(on_generate, len(gen_outputs), services.limits.time_limit),
+        [head.model, gen.class_name, gen.seed, gen.cfg, gen.top_k, gen.top_p, gen.smooth, gen.num_images,
+         gen.precision, gen.kernel, gen.refine_step], gen_outputs, concurrency_id="generate", **PRIVATE)
+    gen.stop.click(None, None, None, cancels=[generation], **PRIVATE)
+
+    # ----- stepping and samples ---------------------------------------------------------------
+    def views(token, scale, sample):
+        record = store.get(token)
+        if record is None:
+            return tuple(gr.skip() for _ in range(4))
+        mvar_image, var_image = handlers.scale_view(record, scale, sample)
+        s = handlers.check_scale(record, scale)
+        side = record.patch_nums[s]
+        strips = handlers.filmstrips(record, scale, sample)
+        labels = [image_label(name, record, s, record.num_scales, side) for name in ("MVAR", "VAR")]
+        return (gr.update(value=shown(files, mvar_image), label=labels[0]),
+                gr.update(value=shown(files, var_image), label=labels[1]),
+                strip_file(files, strips[0]), strip_file(files, strips[1]))
+
+    view_outputs = [gen.mvar_image, gen.var_image, gen.mvar_strip, gen.var_strip]
+    gen.scale.change(ui_event(views, len(view_outputs)), [head.record, gen.scale, gen.sample], view_outputs,
+                     trigger_mode="always_last", **PRIVATE)
+
+    def ensure_sample(token, record: GenerationRecord, sample) -> None:
+        """Decode and capture a sample of a kept generation once (a model task), and keep the result."""
+        index = handlers.check_sample(record, sample)
+        if index not in record.runs["MVAR"].previews or index not in record.runs["MVAR"].attention:
+            previews, attention = tasks.sample(record.model_key, record, index)
+            for name, run in record.runs.items():
+                run.previews[index], run.attention[index] = previews[name], attention[name]
+            store.refresh(token)
+
+    def on_sample(token, sample, scale):
+        record = store.get(token)
+        if record is None:
+            return tuple(gr.skip() for _ in range(4))
+        ensure_sample(token, record, sample)
+        return views(token, scale, sample)
+
+    sample_event = gen.sample.change(ui_event(on_sample, len(view_outputs)), [head.record, gen.sample, gen.scale],
+                                     view_outputs, concurrency_id="generate", **PRIVATE)
+
+    def pick_sample(evt: gr.SelectData):
+        return str(evt.index + 1)
+
+    gen.mvar_gallery.select(pick_sample, None, gen.sample, **PRIVATE)
+    gen.var_gallery.select(pick_sample, None, gen.sample, **PRIVATE)
+
+    # ----- attention ----------------------------------------------------------------------------
+    att_outputs = [att.overlay, att.var_maps, att.var_mass, att.mask_var, att.mask_scale, att.mask_mvar, att.caption,
+                   att.token_row, att.token_col, token_scale]
+
+    def on_attention(token, scale, layer, head_, row, col, sample, referred):
+        record = store.get(token) if token is not None else None
+        if record is None:
+            return tuple(gr.skip() for _ in att_outputs)
+        s = handlers.check_scale(record, scale)
+        if referred is not None and referred != s and handlers.checks.is_integer(handlers._integral(row)) \
+                and handlers.checks.is_integer(handlers._integral(col)):
+            old_side = record.patch_nums[referred]
+            row, col = handlers.move_token(min(int(handlers._integral(row)), old_side - 1),
+                                           min(int(handlers._integral(col)), old_side - 1), old_side,
+                                           record.patch_nums[s])
+        view = handlers.attention_view(record, scale, layer, head_, row, col, sample)
+        overlay = plots.attention_overlay(view.mvar_preview, view.mvar_grid, view.token, size=OVERLAY_SIZE,
+                                          window=view.window)
+        masks = [plots.mask_figure(view.patch_nums, kind, view.refine_step, view.kernel_size,
+                                   highlight_row=view.position) for kind in ("var", "scale-markov", "mvar")]
+        return (files.shown(plots.with_colour_bar(overlay, float(view.mvar_grid.max()))),
+                plots.cross_scale_heatmaps(view.var_grids, f"VAR: where token {view.token} attends, scale by scale"),
+                plots.mass_by_scale_figure(view.var_mass, view.scale, "VAR: attention mass per scale"),
+                *masks, view.caption, view.token[0], view.token[1], s)
+
+    att_inputs = [head.record, gen.scale, att.layer, att.head, att.token_row, att.token_col, gen.sample, token_scale]
+    attention = ui_event(on_attention, len(att_outputs))
+    for trigger in (att.layer.change, att.head.change, att.token_row.submit, att.token_col.submit):
+        trigger(attention, att_inputs, att_outputs, **PRIVATE)
+    gen.scale.change(attention, att_inputs, att_outputs, trigger_mode="always_last", **PRIVATE)
+    head.record.change(attention, att_inputs, att_outputs, **PRIVATE)
+    sample_event.then(attention, att_inputs, att_outputs, **PRIVATE)
+
+    def click_token(token, scale, evt: gr.SelectData, width: int):
+        record = store.get(token)
+        row, col = handlers.token_from_click(record, scale, evt.index[0], evt.index[1], width)
+        return row, col
+
+    def on_overlay_click(token, scale, evt: gr.SelectData):  # the grid is OVERLAY_SIZE wide; the bar beyond it
+        return click_token(token, scale, evt, OVERLAY_SIZE)
+
+    def on_image_click(token, scale, evt: gr.SelectData):  # the generated images, shown DISPLAY_SIZE wide
+        return click_token(token, scale, evt, DISPLAY_SIZE)
+
+    for image, handler in ((att.overlay, on_overlay_click), (gen.mvar_image, on_image_click),
+                           (gen.var_image, on_image_click)):
+        image.select(ui_event(handler, 2), [head.record, gen.scale], [att.token_row, att.token_col],
+                     **PRIVATE).then(attention, att_inputs, att_outputs, **PRIVATE)
+
+    # ----- ablation -----------------------------------------------------------------------------
+    def on_ablation(key, cls, seed, cfg, k, p, smooth, count, precision, kernel, refine):
+        models = handlers.load_models(registry, key)
+        settings = handlers.parse_settings(models, cls, seed, cfg, k, p, smooth, count, precision, kernel, refine,
+                                           services.limits.max_images, tasks.precisions)
+        result = tasks.ablation(key, settings)
+        strips = [files.shown(plots.filmstrip(result.previews[name],
+                                              [f"{s + 1}: {q}x{q}" for s, q in enumerate(result.patch_nums)]))
+                  for name in ("VAR", "+ scale-Markov", "full MVAR")]
+        status = (f"{settings.class_name!r}, seed {settings.seed}, {settings.precision}: the same weights under "
+                  "three attentions, sample 1, scale by scale.")
+        return (status, *strips, handlers.ablation_table(result))
+
+    abl_outputs = [abl.status, abl.var_strip, abl.scale_markov_strip, abl.mvar_strip, abl.costs]
+    abl.run.click(ui_event(on_ablation, len(abl_outputs)),
+                  [head.model, gen.class_name, gen.seed, gen.cfg, gen.top_k, gen.top_p, gen.smooth, gen.num_images,
+                   gen.precision, gen.kernel, gen.refine_step], abl_outputs, concurrency_id="generate", **PRIVATE)
+
+    # ----- analysis -----------------------------------------------------------------------------
+    def on_analyse(key, n, progress=gr.Progress()):  # noqa: B008 - Gradio injects progress this way
+        # a ZeroGPU call pickles its arguments: gr.Progress stays here, the bar then shows no steps
+        stats, kernel_size = tasks.statistics(key, n, progress=None if services.gpu.active else progress)
+        return (handlers.analysis_conclusion(stats, kernel_size),
+                plots.mass_by_distance_figure(stats.mass_by_distance),
+                plots.window_mass_figure(list(stats.window_sizes), stats.mass_in_window, kernel_size))
+
+    ana.run.click(ui_event(on_analyse, 3), [head.model, ana.samples], [ana.conclusion, ana.distance_plot,
+                                                                       ana.window_plot],
+                  concurrency_id="generate", **PRIVATE)
+
+    # ----- memory -------------------------------------------------------------------------------
+    presets = {name: {"VAR": handlers.analytic_memory_mib(PRESETS[name].transformer, VAR_MODE, dtype="bf16"),
+                      "MVAR": handlers.analytic_memory_mib(PRESETS[name].transformer, MVAR_MODE, dtype="bf16")}
+               for name in ("d16", "d20", "d24", "d30")}
+
+    def on_memory(key, batches, dtype_name, progress=gr.Progress()):  # noqa: B008
+        models = handlers.load_models(registry, key)
+        measured = handlers.measured_memory_mib(models, batches, dtype_name, progress, device=registry.device)
+        chosen = sorted({int(b) for b in batches})
+        cfg = models.transformer.cfg
+        analytic = {"VAR": handlers.analytic_memory_mib(cfg, VAR_MODE, dtype=dtype_name),
+                    "MVAR": handlers.analytic_memory_mib(cfg, models.mvar_mode, dtype=dtype_name)}
+        points = {k: {b: v[b] for b in chosen if b in v} for k, v in measured.items()}
+        return (plots.memory_figure(analytic, points, f"Peak memory, {dtype_name}, CFG on; measured: "
+                                                      f"{services.memory_label}"),
+                plots.preset_memory_figure(presets, "Official sizes d16-d30, bf16, CFG on (analytic)"))
+
+    mem.run.click(ui_event(on_memory, 2), [head.model, mem.batches, mem.precision], [mem.plot, mem.presets_plot],
+                  concurrency_id="generate", **PRIVATE)
+
+    # ----- costs --------------------------------------------------------------------------------
+    def on_costs(key, token):
+        models = handlers.load_models(registry, key)
+        try:
+            record = store.get(token)
+        except UserError:
+            record = None  # dropped: the analytic costs without the measured latency
+        if record is not None and record.model_key != key:
+            record = None  # another model's generation says nothing about this one
+        costs = handlers.per_scale_costs(models, record)
+        what = f"batch {costs['batch']}, {costs['dtype']}, CFG on (two branches)"
+        latency = costs.get("latency_ms")
+        return (plots.per_scale_bars(costs["kv_cache_mib"], f"KV cache after each scale (analytic; {what})", "MiB",
+                                     zero_note="0: no cache"),
+                plots.per_scale_bars(costs["attention_mflops"], f"Attention FLOPs per scale (analytic; {what})",
+                                     "MFLOP"),
+                plots.per_scale_bars(latency, f"Latency per scale, generation alone (measured; {what})", "ms")
+                if latency else plots.placeholder_figure("Latency per scale (measured)",
+                                                         "generate an image with this model first"))
+
+    cost.run.click(ui_event(on_costs, 3), [head.model, head.record], [cost.kv_plot, cost.flops_plot,
+                                                                       cost.latency_plot], **PRIVATE)
+
+    # ----- the named API --------------------------------------------------------------------------
+    def generate(model, class_name, seed, cfg, top_k, top_p, images, precision, request: gr.Request):
+        """Generate ``images`` samples of a class with MVAR and the VAR baseline; returns both galleries and the
+        generation (its id for /attention, the seed and settings used, the timings)."""
+        record = None
+        frames = tasks.frames(model, class_name, seed, cfg, top_k, top_p, False, images, precision)
+        for frame in within_time_limit(frames, services.limits.time_limit, "generate"):
+            record = frame.record or record
+        token = store.put(request.session_hash if request else None, record)
+        finals = handlers.final_images(record)
+        runs = record.runs
+        info = {"generation_id": token, "seed": record.seed, "class_name": record.class_name,
+                "precision": record.settings.precision, "cfg": record.settings.sampling.cfg,
+                "top_k": record.settings.sampling.top_k, "top_p": record.settings.sampling.top_p,
+                "mvar": {"label": record.labels.get("MVAR"), "generation_ms": sum(runs["MVAR"].seconds) * 1000},
+                "var": {"label": record.labels.get("VAR"), "generation_ms": sum(runs["VAR"].seconds) * 1000}}
+        return ([files.shown(i) for i in finals["MVAR"]], [files.shown(i) for i in finals["VAR"]], info)
+
+    api.trigger.click(api_endpoint(generate), [api.model, api.class_name, api.seed, api.cfg, api.top_k, api.top_p,
+                                               api.images, api.precision],
+                      [api.mvar_images, api.var_images, api.generation], api_name="generate",
+                      concurrency_id="generate")
+
+    def attention_api(generation_id, scale, row, col, sample):
+        """Attention of one token (scale 1-based, row, column, sample 1-based) of a generation from /generate:
+        MVAR's weights on the token's own grid, VAR's attention mass per scale, and the caption."""
+        record = store.get(generation_id)
+        if record is None:
+            raise UserError("generation_id is empty: pass the one /generate returned")
+        ensure_sample(generation_id, record, sample)
+        view = handlers.attention_view(record, scale, "mean", "mean", row, col, sample)
+        return {"mvar_grid": view.mvar_grid.round(6).tolist(), "window": view.window,
+                "var_mass_per_scale": view.var_mass.round(6).tolist(), "caption": view.caption}
+
+    api.trigger.click(api_endpoint(attention_api), [api.generation_id, api.scale, api.row, api.col, api.sample],
+                      api.attention, api_name="attention", concurrency_id="generate")
+
+    def models_api():
+        """The models this server offers: key (pass it as ``model``) and label."""
+        return [{"key": e.key, "label": e.label} for e in registry.entries()]
+
+    api.trigger.click(api_endpoint(models_api), None, api.models, api_name="models")
+
+    # ----- page close -----------------------------------------------------------------------------
+    def on_close(request: gr.Request):
+        store.drop_session(request.session_hash)
+        release_freed_memory()
+
+    demo.unload(on_close)
