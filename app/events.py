@@ -108,10 +108,13 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
     def on_model(key, progress=gr.Progress()):  # noqa: B008 - Gradio's way to ask for a progress bar
         progress(0, desc="loading the model (downloading it first if it comes from the hub)")
         models = handlers.load_models(registry, key, progress)
+        precision = handlers.default_precision(models, tasks.precisions)
+        if not services.gpu.active:
+            progress(0.95, desc="warming up (one small generation per mode)")
+            handlers.warm_up(models, precision)
         num_scales = len(models.transformer.cfg.patch_nums)
         return (gr.update(choices=models.class_names, value=models.class_names[0]), model_text(models),
-                models.sampling["cfg"], models.sampling["top_k"], models.sampling["top_p"],
-                handlers.default_precision(models, tasks.precisions),
+                models.sampling["cfg"], models.sampling["top_k"], models.sampling["top_p"], precision,
                 gr.update(choices=handlers.kernel_choices(models), value=str(models.mvar_mode.kernel_size)),
                 models.mvar_mode.refine_step, gr.Dataset(samples=example_presets(models.class_names)),
                 gr.update(maximum=num_scales, value=num_scales))
@@ -384,3 +387,161 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
         release_freed_memory()
 
     demo.unload(on_close)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Edit tab
+# ---------------------------------------------------------------------------------------------
+
+PYRAMID_CELL = 128  # pixels of a reconstruction in the pyramid gallery (at least)
+
+
+def wire_edit(edit, header, services: Services, demo: gr.Blocks | None = None) -> None:
+    """The Edit tab (``layout.EditWidgets``): loading an image (a dataset sample or an upload) and its pyramid,
+    the preset masks, the edit itself (streamed scale by scale like a generation, under the generation's time
+    limit, in the "generate" concurrency group) and stepping through it. Edits are kept in ``services.store``
+    under the session's own edit key (``<session>:edit``), so they never replace the session's generation;
+    ``demo``: where to drop them when the page closes."""
+    from . import editing
+
+    registry, store, files, tasks = services.registry, services.store, services.files, services.tasks
+
+    def edit_session(request: gr.Request | None) -> str | None:
+        return f"{request.session_hash}:edit" if request is not None and request.session_hash else None
+
+    # ----- the source image and its pyramid ---------------------------------------------------
+    def loaded(models, source):
+        label = editing.source_label(models, source)
+        return (editing.editor_value(source, files), source, source.describe(),
+                gr.update(value=label) if label else gr.skip())
+
+    def on_sample(key, index):
+        models = handlers.load_models(registry, key)
+        source = editing.dataset_image(index, models.tokenizer.cfg.image_size)
+        return (*loaded(models, source), int(index) + 1)
+
+    def on_upload(key, path):
+        models = handlers.load_models(registry, key)
+        return loaded(models, editing.uploaded_image(path, models.tokenizer.cfg.image_size))
+
+    def on_pyramid(key, source):
+        if source is None:
+            return gr.skip(), gr.skip()
+        view = tasks.pyramid(key, source)
+        gallery = [(files.shown(plots.upscale(image, max(PYRAMID_CELL, image.shape[0]))), caption)
+                   for image, caption in zip(view.images, view.captions, strict=True)]
+        return gallery, plots.psnr_figure(view.psnr, view.patch_nums,
+                                          "The tokenizer's reconstruction against the image, after each scale")
+
+    load_outputs = [edit.editor, edit.source, edit.source_note, edit.class_name]
+    pyramid_outputs = [edit.pyramid, edit.psnr_plot]
+    sampled = edit.sample.click(ui_event(on_sample, len(load_outputs) + 1), [header.model, edit.next_index],
+                                [*load_outputs, edit.next_index], **PRIVATE)
+    uploaded = edit.upload.upload(ui_event(on_upload, len(load_outputs)), [header.model, edit.upload], load_outputs,
+                                  **PRIVATE)
+    for event in (sampled, uploaded):
+        event.then(ui_event(on_pyramid, 2), [header.model, edit.source], pyramid_outputs, concurrency_id="generate",
+                   **PRIVATE)
+
+    # ----- preset masks ---------------------------------------------------------------------------
+    def preset(kind: str):
+        def on_preset(source, percent):
+            if source is None:
+                raise UserError("load an image first: press **Sample from the dataset** or **Upload an image**")
+            mask = editing.preset_mask(kind, source.size, percent)
+            return editing.editor_value(source, files, editing.mask_layer(mask) if mask.any() else None)
+
+        on_preset.__name__ = f"on_mask_{kind}"
+        return ui_event(on_preset, 1)
+
+    for button, kind in ((edit.mask_centre, "centre"), (edit.mask_border, "border"), (edit.mask_all, "everything"),
+                         (edit.mask_clear, "clear")):
+        button.click(preset(kind), [edit.source, edit.box], edit.editor, **PRIVATE)
+
+    # ----- the edit -------------------------------------------------------------------------------
+    def column(name: str) -> str:
+        return "MVAR" if name == "MVAR" else "VAR baseline"
+
+    def image_update(record, name: str, image, scale: int):
+        if name not in record.request.models:
+            return gr.update(value=None, label=f"{column(name)}: not run (Models: {record.request.models[0]} only)")
+        return gr.update(value=shown(files, image), label=editing.edit_label(record, name, scale))
+
+    edit_outputs = [edit.mvar_image, edit.var_image, edit.status, edit.record, edit.scale, edit.mvar_strip,
+                    edit.var_strip, edit.regenerated]
+    skip_all = tuple(gr.skip() for _ in edit_outputs)
+
+    def on_edit(key, source, editor, cls, seed, mode, keep, blend, request: gr.Request):
+        models = handlers.load_models(registry, key)
+        try:
+            wanted = editing.parse_edit(models, source, editor, cls, seed, mode, keep, blend)
+        except editing.NothingToEdit as err:  # not a failure: the page says what to do
+            gr.Warning(str(err))
+            yield (*skip_all[:2], f"**Nothing to edit.** {str(err).removeprefix('nothing to edit: ')}",
+                   *skip_all[3:])
+            return
+        idle = {name: gr.update(value=None, label=column(name) + ("" if name in wanted.models else ": not run"))
+                for name in ("MVAR", "VAR")}
+        patch_nums = models.transformer.cfg.patch_nums
+        yield (idle["MVAR"], idle["VAR"], (f"{wanted.note}  \n" if wanted.note else "") + "encoding the image ...",
+               *skip_all[3:7], files.shown(plots.upscale(editing.regenerated_view(wanted.source, wanted.mask),
+                                                         max(DISPLAY_SIZE, wanted.source.size))))
+        frames = tasks.edit(key, wanted)
+        try:
+            for frame in frames:
+                record = frame.record
+                if record is None:
+                    where = handlers.scale_name(frame.scale, len(patch_nums), patch_nums[frame.scale])
+                    images = [gr.update(value=shown(files, frame.images[name]), label=f"{column(name)}, {where}")
+                              if name in frame.images else gr.skip() for name in ("MVAR", "VAR")]
+                    yield (*images, frame.status, *skip_all[3:])
+                    continue
+                token = store.put(edit_session(request), record)
+                last = record.num_scales - 1
+                strips = editing.edit_filmstrips(record)
+                yield (image_update(record, "MVAR", record.final("MVAR"), last),
+                       image_update(record, "VAR", record.final("VAR"), last), frame.status, token,
+                       gr.update(maximum=record.num_scales, value=record.num_scales),
+                       strip_file(files, strips["MVAR"]), strip_file(files, strips["VAR"]), gr.skip())
+        finally:
+            frames.close()
+            release_freed_memory()
+
+    editing_event = edit.run.click(
+        ui_event(on_edit, len(edit_outputs), services.limits.time_limit),
+        [header.model, edit.source, edit.editor, edit.class_name, edit.seed, edit.mode, edit.keep_scales,
+         edit.final_blend], edit_outputs, concurrency_id="generate", **PRIVATE)
+    edit.stop.click(None, None, None, cancels=[editing_event], **PRIVATE)
+
+    # ----- stepping through a kept edit ------------------------------------------------------------
+    def on_scale(token, scale):
+        record = store.get(token)
+        if not isinstance(record, editing.EditRecord):
+            return tuple(gr.skip() for _ in range(4))
+        s = editing.check_edit_scale(record, scale)
+        images = editing.edit_view(record, scale)
+        strips = editing.edit_filmstrips(record, scale)
+        return (image_update(record, "MVAR", images.get("MVAR"), s), image_update(record, "VAR", images.get("VAR"), s),
+                strip_file(files, strips["MVAR"]), strip_file(files, strips["VAR"]))
+
+    edit.scale.change(ui_event(on_scale, 4), [edit.record, edit.scale],
+                      [edit.mvar_image, edit.var_image, edit.mvar_strip, edit.var_strip], trigger_mode="always_last",
+                      **PRIVATE)
+
+    # ----- another model ------------------------------------------------------------------------
+    def on_model(key):
+        models = handlers.load_models(registry, key)
+        num_scales = len(models.transformer.cfg.patch_nums)
+        return (gr.update(choices=models.class_names, value=models.class_names[0]),
+                gr.update(maximum=num_scales, value=num_scales),
+                gr.update(maximum=num_scales - 1, value=0, label=editing.keep_label(num_scales)))
+
+    header.model.change(ui_event(on_model, 3), header.model, [edit.class_name, edit.scale, edit.keep_scales],
+                        **PRIVATE).then(ui_event(on_pyramid, 2), [header.model, edit.source], pyramid_outputs,
+                                        concurrency_id="generate", **PRIVATE)
+
+    if demo is not None:
+        def on_close(request: gr.Request):
+            store.drop_session(edit_session(request))
+
+        demo.unload(on_close)

@@ -111,7 +111,10 @@ def _whole(label: str, value, low: int, high: int) -> int:
 
 
 def check_seed(value) -> int:
-    return _whole("Seed", value, 0, SEED_MAX)
+    parsed = _integral(value)
+    if not checks.is_integer(parsed) or not 0 <= int(parsed) <= SEED_MAX:
+        raise UserError(f"Seed must be a whole number from 0 to 2^63 - 1 ({SEED_MAX}), got {_shown(value)}")
+    return int(parsed)
 
 
 def _choice(label: str, value, choices) -> str:
@@ -182,6 +185,21 @@ def default_precision(models: LoadedModels, offered) -> str:
     if models.transformer.num_parameters < BF16_MIN_PARAMETERS or "bf16" not in offered:
         return "fp32"
     return "bf16"
+
+
+def warm_up(models: LoadedModels, precision: str = "fp32") -> None:
+    """One small generation in each mode, so that the first user's timings are not the allocator's and
+    kernels' first-call costs (those made MVAR look slower than VAR on the first generation)."""
+    if ("warm", precision) in models.cache:
+        return
+    tokenizer, mvar_transformer, var_transformer = models.in_precision(PRECISIONS[precision])
+    sampling = SamplingConfig(cfg=1.5, top_k=0, top_p=1.0)
+    models.cache[("warm", precision)] = True
+    for transformer, mode in ((mvar_transformer, models.mvar_mode), (var_transformer, VAR_MODE)):
+        for _ in generate_steps(transformer, tokenizer, [0], 0, sampling, mode, previews=True, preview_samples=1,
+                                capture_layers=capture_layers_for(models)[:1], capture_queries={0: None},
+                                capture_samples=[0], dtype=PRECISIONS[precision]):
+            pass
 
 
 def capture_layers_for(models: LoadedModels) -> tuple[int, ...]:

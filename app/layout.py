@@ -180,8 +180,7 @@ def generate_section(first, precisions: tuple[str, ...], default_precision: str,
         with gr.Column(scale=1, min_width=260):
             class_name = gr.Dropdown(first.class_names, value=first.class_names[0], label="Class", filterable=True)
             with gr.Row():
-                seed = gr.Number(0, label=f"Seed (0 to {handlers.SEED_MAX})", precision=0, minimum=None,
-                                 elem_id="seed", scale=3)
+                seed = gr.Number(0, label="Seed (0 to 2^63 - 1)", precision=0, elem_id="seed", scale=3)
                 dice = gr.Button("random", size="sm", scale=1, min_width=60)
             guidance = gr.Number(first.sampling["cfg"], label=f"CFG (0 to {handlers.CFG_MAX:g}; 0 = none)",
                                  elem_id="cfg")
@@ -218,9 +217,9 @@ def generate_section(first, precisions: tuple[str, ...], default_precision: str,
                               elem_id="sample")
             with gr.Row():
                 mvar_gallery = gr.Gallery(label="MVAR: every sample", columns=4, height=180, elem_id="mvar-gallery",
-                                          allow_preview=False, min_width=200)
+                                          allow_preview=False, min_width=200, object_fit="contain")
                 var_gallery = gr.Gallery(label="VAR: every sample", columns=4, height=180, elem_id="var-gallery",
-                                         allow_preview=False, min_width=200)
+                                         allow_preview=False, min_width=200, object_fit="contain")
             with gr.Column(elem_id="filmstrips"):
                 mvar_strip = gr.Image(label="MVAR, scale by scale (current scale framed)", interactive=False,
                                       elem_id="mvar-strip", buttons=[])
@@ -315,3 +314,113 @@ def costs_tab() -> CostWidgets:
         flops_plot = gr.Plot(label="Attention FLOPs", elem_id="flops-plot")
         latency_plot = gr.Plot(label="Latency", elem_id="latency-plot")
     return CostWidgets(run, kv_plot, flops_plot, latency_plot)
+
+
+@dataclass
+class EditWidgets:
+    sample: gr.Button  # draws the next image of the embedded dataset
+    upload: gr.UploadButton
+    source_note: gr.Markdown
+    editor: gr.ImageEditor  # the mask painter: the source as background, the paint = regenerate
+    mask_centre: gr.Button
+    mask_border: gr.Button
+    mask_all: gr.Button
+    mask_clear: gr.Button
+    box: gr.Slider
+    class_name: gr.Dropdown
+    seed: gr.Number
+    mode: gr.Radio
+    keep_scales: gr.Slider
+    final_blend: gr.Checkbox
+    run: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+    regenerated: gr.Image
+    mvar_image: gr.Image
+    var_image: gr.Image
+    scale: gr.Slider
+    mvar_strip: gr.Image
+    var_strip: gr.Image
+    pyramid: gr.Gallery
+    psnr_plot: gr.Plot
+    source: gr.State  # the editing.SourceImage being edited
+    next_index: gr.State  # the next dataset sample's index
+    record: gr.State  # a GenerationStore token of the last edit
+
+
+EDIT_INTRO = """Edit a real image with no training: the image is encoded into its tokens, scale by scale, and
+generation runs as usual except that, at every scale, the tokens outside the mask are the image's own and only
+those inside are sampled (under the class you pick). **MVAR** and the **VAR** baseline edit the same input side by
+side. Paint the region to regenerate in white on the image, or use a preset: **centre** (in-painting), **border**
+(out-painting: the centre box is kept), **everything** (plain generation; with *Keep the first N scales*: a
+variation that keeps the image's coarse layout)."""
+
+
+def edit_tab(first) -> EditWidgets:
+    from . import editing
+
+    num_scales = len(first.transformer.cfg.patch_nums)
+    with gr.Tab("Edit"):
+        gr.Markdown(EDIT_INTRO)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                with gr.Row():
+                    sample = gr.Button("Sample from the dataset", elem_id="edit-sample", min_width=140)
+                    upload = gr.UploadButton("Upload an image", elem_id="edit-upload", min_width=140,
+                                             type="filepath")
+                source_note = gr.Markdown("No image yet: sample one from the dataset or upload one (any size, "
+                                          "aspect ratio or mode; it is centre-cropped and resized to the model's "
+                                          f"{first.tokenizer.cfg.image_size} px).", elem_id="edit-source-note")
+                editor = gr.ImageEditor(
+                    label="Mask: paint what to regenerate (white)", type="pil", image_mode="RGBA", sources=[],
+                    transforms=(), layers=False, canvas_size=(editing.CANVAS, editing.CANVAS), fixed_canvas=True,
+                    brush=gr.Brush(colors=[("#ffffff", 0.75)], default_color=("#ffffff", 0.75), color_mode="fixed",
+                                   default_size=16),
+                    eraser=gr.Eraser(default_size=16), elem_id="edit-editor", buttons=[],
+                    placeholder="Sample an image from the dataset or upload one, then paint on it")
+                with gr.Row():
+                    mask_centre = gr.Button("Mask the centre", size="sm", elem_id="edit-mask-centre", min_width=80)
+                    mask_border = gr.Button("Mask the border (out-paint)", size="sm", elem_id="edit-mask-border",
+                                            min_width=80)
+                    mask_all = gr.Button("Mask everything", size="sm", elem_id="edit-mask-all", min_width=80)
+                    mask_clear = gr.Button("Clear the mask", size="sm", elem_id="edit-mask-clear", min_width=80)
+                box = gr.Slider(editing.BOX_MIN, editing.BOX_MAX, value=50, step=5,
+                                label=f"Preset box side ({editing.BOX_MIN} to {editing.BOX_MAX} % of the image): "
+                                      "the centre box masked, or kept when out-painting")
+            with gr.Column(scale=1, min_width=260):
+                class_name = gr.Dropdown(first.class_names, value=first.class_names[0], filterable=True,
+                                         label="Class: what the regenerated region becomes", elem_id="edit-class")
+                seed = gr.Number(0, label="Seed (0 to 2^63 - 1)", precision=0, elem_id="edit-seed")
+                mode = gr.Radio(list(editing.MODE_CHOICES), value=editing.BOTH, label="Models", elem_id="edit-mode")
+                keep_scales = gr.Slider(0, num_scales - 1, value=0, step=1, label=editing.keep_label(num_scales),
+                                        elem_id="edit-keep")
+                final_blend = gr.Checkbox(True, label="Final blend: outside the mask, the image's own pixels (its "
+                                                      "reconstruction by the tokenizer)", elem_id="edit-blend")
+                with gr.Row():
+                    run = gr.Button("Edit the image", variant="primary", elem_id="edit-run")
+                    stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
+                regenerated = gr.Image(label="Regenerated (tinted red)", interactive=False, height=200,
+                                       elem_id="edit-regenerated", buttons=[])
+        status = gr.Markdown("Load an image, paint a mask and press **Edit the image**.", elem_id="edit-status")
+        with gr.Row():
+            mvar_image = gr.Image(label="MVAR", height=320, interactive=False, elem_id="edit-mvar-image",
+                                  min_width=200)
+            var_image = gr.Image(label="VAR baseline", height=320, interactive=False, elem_id="edit-var-image",
+                                 min_width=200)
+        scale = gr.Slider(1, num_scales, value=num_scales, step=1, elem_id="edit-scale",
+                          label=f"Scale (1 to {num_scales}): step through the edit without recomputing")
+        with gr.Column(elem_id="edit-filmstrips"):
+            mvar_strip = gr.Image(label="MVAR edit, scale by scale (current scale framed)", interactive=False,
+                                  elem_id="edit-mvar-strip", buttons=[])
+            var_strip = gr.Image(label="VAR edit, scale by scale (current scale framed)", interactive=False,
+                                 elem_id="edit-var-strip", buttons=[])
+        with gr.Accordion("The image's pyramid: what the tokenizer keeps of it, scale by scale", open=True):
+            gr.Markdown("The tokenizer's reconstruction of the loaded image from its first 1, 2, ... scales of "
+                        "tokens (what an edit keeps outside the mask), and its PSNR against the image.")
+            pyramid = gr.Gallery(label="Reconstruction after each scale", columns=5, height="auto",
+                                 allow_preview=False, elem_id="edit-pyramid")
+            psnr_plot = gr.Plot(label="Reconstruction PSNR per scale", elem_id="edit-psnr")
+    return EditWidgets(sample, upload, source_note, editor, mask_centre, mask_border, mask_all, mask_clear, box,
+                       class_name, seed, mode, keep_scales, final_blend, run, stop, status, regenerated, mvar_image,
+                       var_image, scale, mvar_strip, var_strip, pyramid, psnr_plot, gr.State(None), gr.State(0),
+                       gr.State(None))

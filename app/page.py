@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import handlers
-from .events import Services, api_widgets, wire
+from .events import Services, api_widgets, wire, wire_edit
 from .layout import (
     CSS,
     Page,
@@ -13,6 +13,7 @@ from .layout import (
     analysis_tab,
     attention_tab,
     costs_tab,
+    edit_tab,
     generate_section,
     header,
     memory_tab,
@@ -46,6 +47,8 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
     if not entries:
         raise SystemExit("error: no models available (assets/ is empty and no --models-dir files were found)")
     first = registry.load(entries[0].key)
+    if not gpu.active:  # on ZeroGPU the models only run inside GPU calls
+        handlers.warm_up(first, handlers.default_precision(first, tasks.precisions))
     services = Services(registry, store, files, tasks, limits, gpu, handlers.memory_label(registry.device))
     # delete_cache: Gradio's own copies of served files go after an hour (checked every 10 minutes)
     with gr.Blocks(title="MVAR Studio", delete_cache=(600, 3600)) as demo:
@@ -53,7 +56,10 @@ def build_app(registry: ModelRegistry, time_limit: float | None = DEFAULT_TIME_L
                      DEFAULT_MODELS_NOTE if entries[0].source == "default" else "")
         generate = generate_section(first, tasks.precisions, handlers.default_precision(first, tasks.precisions),
                                     limits.max_images)
-        page = Page(top, generate, attention_tab(), ablation_tab(), analysis_tab(),
+        attention, ablation = attention_tab(), ablation_tab()
+        edit = edit_tab(first)
+        page = Page(top, generate, attention, ablation, analysis_tab(),
                     memory_tab(str(registry.device), services.memory_label, tuple(tasks.precisions)), costs_tab())
         wire(demo, page, api_widgets(), services)
+        wire_edit(edit, top, services, demo)
     return demo

@@ -134,9 +134,9 @@ def mass_by_scale_figure(mass: np.ndarray, query_scale: int, title: str) -> go.F
     """Bar chart of a query's attention mass on each scale (paper's motivation panel a)."""
     scales = np.arange(len(mass))
     colors = [VAR_COLOR if s == query_scale else "#888888" for s in scales]
-    figure = go.Figure(go.Bar(x=[f"s{s}" for s in scales], y=mass, marker_color=colors,
+    figure = go.Figure(go.Bar(x=[f"{s + 1}" for s in scales], y=mass, marker_color=colors,
                               hovertemplate="scale %{x}: %{y:.3f}<extra></extra>"))
-    figure.update_layout(title=title, yaxis_title="attention mass", xaxis_title="key scale",
+    figure.update_layout(title=title, yaxis_title="attention mass", xaxis_title="key scale (red: the query's own)",
                          height=300, margin=dict(l=40, r=10, t=40, b=40), yaxis_range=[0, 1])
     return figure
 
@@ -301,4 +301,23 @@ def preset_memory_figure(curves: dict[str, dict[str, dict[int, float]]], title: 
                                         name=f"{name} {preset}", line=dict(color=color, dash=dash), marker_size=5))
     figure.update_layout(title=title, xaxis=_batch_axis(sorted(batches_all)), yaxis_title="GiB (analytic model)",
                          yaxis_type="log", height=380, margin=dict(l=50, r=10, t=50, b=40))
+    return figure
+
+
+def psnr_figure(psnr: list[float], patch_nums: tuple[int, ...], title: str = "Reconstruction PSNR per scale"
+                ) -> go.Figure:
+    """PSNR (dB) of the tokenizer's reconstruction after each scale (1-based, with its grid), against the input.
+
+    An exact reconstruction (infinite PSNR) is drawn at the top of the axis and labelled "exact"."""
+    finite = [v for v in psnr if np.isfinite(v)]
+    top = (max(finite) if finite else 40.0) + 5
+    ys = [v if np.isfinite(v) else top for v in psnr]
+    labels = [f"{v:.1f} dB" if np.isfinite(v) else "exact" for v in psnr]
+    ticks = [f"{s + 1}: {p}x{p}" for s, p in enumerate(patch_nums)]
+    figure = go.Figure(go.Scatter(x=ticks, y=ys, mode="lines+markers+text", text=labels, textposition="top center",
+                                  line_color=MVAR_COLOR, cliponaxis=False,
+                                  hovertemplate="scale %{x}: %{text}<extra></extra>"))
+    figure.update_layout(title=title, xaxis_title="scales decoded (scale: grid)", yaxis_title="PSNR (dB)",
+                         yaxis_range=[min(finite + [top]) - 3 if finite else 0, top + 3], height=300,
+                         margin=dict(l=50, r=10, t=50, b=50))
     return figure

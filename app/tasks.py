@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mvar.devices import autocast_precisions
 
-from . import handlers
+from . import editing, handlers
 from .registry import ModelRegistry
 from .zerogpu import ANALYSIS_SECONDS, GENERATE_SECONDS, GpuTasks
 
@@ -22,13 +22,16 @@ class ModelTasks:
     """``frames(key, class, seed, cfg, top_k, top_p, smooth, images, precision, kernel, refine_step)`` streams
     ``handlers.Frame``s; ``sample(key, record, sample)`` gives one sample's previews and attention;
     ``ablation(key, settings)`` the three variants' previews; ``statistics(key, samples, progress=None)``
-    gives (AttentionStats, the MVAR kernel size)."""
+    gives (AttentionStats, the MVAR kernel size); ``edit(key, request)`` streams ``editing.EditFrame``s of an
+    ``editing.EditRequest``; ``pyramid(key, source)`` gives an ``editing.PyramidView`` of a source image."""
 
     frames: Callable
     sample: Callable
     ablation: Callable
     statistics: Callable
     precisions: tuple[str, ...]
+    edit: Callable
+    pyramid: Callable
 
 
 def model_tasks(registry: ModelRegistry, gpu: GpuTasks, max_images: int) -> ModelTasks:
@@ -57,4 +60,14 @@ def model_tasks(registry: ModelRegistry, gpu: GpuTasks, max_images: int) -> Mode
         models = handlers.load_models(registry, key, device=device)
         return handlers.attention_statistics(models, samples, progress=progress), models.mvar_mode.kernel_size
 
-    return ModelTasks(frames, sample, ablation, statistics, offered)
+    @gpu.task(GENERATE_SECONDS)
+    def edit(key, request, device=None):
+        models = handlers.load_models(registry, key, device=device)
+        yield from editing.edit_frames(models, key, request, precisions=offered)
+
+    @gpu.task(GENERATE_SECONDS)
+    def pyramid(key, source, device=None):
+        models = handlers.load_models(registry, key, device=device)
+        return editing.pyramid_view(models, source)
+
+    return ModelTasks(frames, sample, ablation, statistics, offered, edit, pyramid)

@@ -90,43 +90,113 @@ def test_gradio_client_bad_input_gets_a_message_not_a_crash(server):
     assert "refused generate: top-k must be" in log and "Traceback" not in log  # one line per refusal
 
 
+def wait_until(page, condition, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        page.wait_for_timeout(100)
+
+
+def no_error_badges(page) -> bool:
+    """Gradio marks an output whose event failed with an "Error" status badge."""
+    return page.locator(".error, .status-error").count() == 0 and page.get_by_text("Error", exact=True).count() == 0
+
+
+def set_number(page, selector: str, value) -> None:
+    box = page.locator(f"{selector} input").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
-def test_browser_generate_step_click_and_charts(server, tmp_path):
+def test_browser_flows_of_a_first_time_user(server, tmp_path):
+    """Generate 2 images, step the scale, pick a sample, refuse a typo without losing the result, keep the
+    selected token across scales, refuse a bad row without an error badge, run the ablation, draw the charts."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(server.url)
+        page.locator("#images").get_by_text("2", exact=True).click()
         page.get_by_role("button", name="Generate").click()
-        page.get_by_text("done:").wait_for(timeout=120_000)
-        # step the scale slider back: the previews change without a new generation
+        page.get_by_text("done: 2 images").wait_for(timeout=120_000)
         mvar_image = page.locator("#mvar-image img")
         final_src = mvar_image.get_attribute("src")
-        number = page.get_by_role("spinbutton", name="number input for Scale (step back and forth without recomputing)")
-        number.fill("3")
-        number.press("Enter")
-        for _ in range(100):
-            if mvar_image.get_attribute("src") != final_src:
-                break
-            page.wait_for_timeout(100)
-        assert mvar_image.get_attribute("src") != final_src  # the scale-3 preview, from the stored record
-        # open the attention tab and click a token on the overlay
+        assert page.locator("#mvar-gallery img").count() == 2 and page.locator("#var-gallery img").count() == 2
+        # 7: one numbering, images labelled with their scale, the filmstrip follows
+        strip = page.locator("#mvar-strip img")
+        strip_src = strip.get_attribute("src")
+        set_number(page, "#scale-slider", 3)
+        wait_until(page, lambda: mvar_image.get_attribute("src") != final_src, "the scale-3 preview")
+        page.get_by_text("MVAR, scale 3 of 10 (3x3)").first.wait_for(timeout=30_000)
+        wait_until(page, lambda: strip.get_attribute("src") != strip_src, "the filmstrip's marker to move")
+        set_number(page, "#scale-slider", 10)
+        wait_until(page, lambda: mvar_image.get_attribute("src") == final_src, "the final image again")
+        # 4: selecting the second sample makes the views follow it
+        page.locator("#mvar-gallery img").nth(1).click()
+        wait_until(page, lambda: mvar_image.get_attribute("src") != final_src, "sample 2 in the big image")
+        second_src = mvar_image.get_attribute("src")
+        # 2: a typo is refused with a message and the result stays
+        set_number(page, "#top-k", 100000)
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("top-k must be a whole number from 0 to 32, got 100000").first.wait_for(timeout=30_000)
+        assert mvar_image.get_attribute("src") == second_src and page.locator("#mvar-gallery img").count() == 2
+        assert no_error_badges(page)
+        set_number(page, "#top-k", 10)
+        # 1: the corner token of the 16x16 scale, then scale 3: the token moves to the same place, no error
         page.get_by_role("tab", name="Attention").click()
+        set_number(page, "#token-row", 15)
+        set_number(page, "#token-col", 15)
+        page.get_by_text("Token (15, 15) of scale 10 of 10 (16x16), sample 2").wait_for(timeout=60_000)
+        set_number(page, "#scale-slider", 3)
+        page.get_by_text("Token (2, 2) of scale 3 of 10 (3x3), sample 2").wait_for(timeout=60_000)
+        assert no_error_badges(page)
+        set_number(page, "#token-row", 16)  # outside the 3x3 grid: a message, and the last good view stays
+        page.get_by_text("Token row must be a whole number from 0 to 2, got 16").first.wait_for(timeout=30_000)
+        assert page.get_by_text("Token (2, 2) of scale 3 of 10 (3x3)").count() == 1 and no_error_badges(page)
         overlay = page.locator("#attention-overlay img")
-        overlay.wait_for(timeout=60_000)
-        overlay.click(position={"x": 20, "y": 20})
-        page.get_by_text("Token (0, 0) of scale").wait_for(timeout=60_000)
-        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        overlay.click(position={"x": 5, "y": 5})  # a click on the map picks a token
+        page.get_by_text("Token (0, 0) of scale 3 of 10 (3x3)").wait_for(timeout=60_000)
+        page.locator("#var-maps .js-plotly-plot").wait_for(timeout=60_000)
+        # 14: the ablation on the same weights
+        page.get_by_role("tab", name="Ablation").click()
+        page.get_by_role("button", name="Run the ablation").click()
+        page.locator("#ablation-costs").get_by_role("cell", name="full MVAR").wait_for(timeout=120_000)
+        assert page.locator("#ablation img").count() == 3
         page.get_by_role("tab", name="Memory").click()
         page.get_by_role("button", name="Measure and plot").click()
         page.locator("#memory-plot .js-plotly-plot").wait_for(timeout=180_000)
         page.get_by_role("tab", name="Cost per scale").click()
         page.get_by_role("button", name="Show per-scale costs").click()
         page.locator("#latency-plot .js-plotly-plot").wait_for(timeout=60_000)
+        assert no_error_badges(page)
         shot = Path(tmp_path) / "app.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
+        browser.close()
+    log = Path(server.log.name).read_text()
+    assert "LocalProtocolError" not in log and "Traceback" not in log
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_browser_on_a_phone_the_page_fits_and_the_filmstrips_read(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 400, "height": 900})
+        page.goto(server.url)
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("done:").wait_for(timeout=120_000)
+        overflow = page.evaluate("document.documentElement.scrollWidth")
+        assert overflow <= 400 + 2, f"the page is {overflow} px wide on a 400 px screen"
+        model = page.locator("#model-row").bounding_box()
+        assert model["x"] >= 0 and model["x"] + model["width"] <= 402  # the model dropdown is not cut off
+        strip = page.locator("#mvar-strip img")
+        strip.wait_for()
+        assert strip.bounding_box()["height"] >= 100  # two rows of five, not a 35 px sliver
         browser.close()
 
 
