@@ -118,7 +118,7 @@ def test_captured_mvar_weights_live_in_the_window(record):
 
 @pytest.mark.parametrize("args,message", [
     (dict(class_name="nope"), "Class must be one of the 12 in the list, got 'nope'"),
-    (dict(seed="abc"), "Seed must be a whole number from 0 to 9223372036854775807, got 'abc'"),
+    (dict(seed="abc"), "Seed must be a whole number from 0 to 2\\^63 - 1 \\(9223372036854775807\\), got 'abc'"),
     (dict(seed=-1), "Seed must be a whole number from 0 to"),
     (dict(seed=99999999999999999999), "Seed must be a whole number from 0 to"),
     (dict(seed=None), "Seed must be a whole number .* got an empty box"),
