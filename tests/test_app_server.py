@@ -195,8 +195,10 @@ def test_browser_on_a_phone_the_page_fits_and_the_filmstrips_read(server):
         model = page.locator("#model-row").bounding_box()
         assert model["x"] >= 0 and model["x"] + model["width"] <= 402  # the model dropdown is not cut off
         strip = page.locator("#mvar-strip img")
-        strip.wait_for()
+        strip.scroll_into_view_if_needed()
+        wait_until(page, lambda: (strip.bounding_box() or {}).get("height", 0) > 0, "the filmstrip to load")
         assert strip.bounding_box()["height"] >= 100  # two rows of five, not a 35 px sliver
+        page.screenshot(path=str(Path(server.log.name).parent / "phone.png"), full_page=True)
         browser.close()
 
 
