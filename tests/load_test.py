@@ -122,10 +122,10 @@ def result_images(result) -> dict[str, np.ndarray]:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
 
-    images = {"MVAR preview": load(result[0]), "VAR preview": load(result[1]),
-              "MVAR strip": load(result[3]), "VAR strip": load(result[4])}
-    for path in result[5]:  # final images, PNG
-        images[f"final {Path(path).name}"] = load(path)
+    images = {}
+    for role, gallery in (("MVAR", result[0]), ("VAR", result[1])):  # every sample's final image, PNG
+        for i, item in enumerate(gallery):
+            images[f"{role} final {i}"] = load(item["image"])
     return images
 
 
@@ -148,8 +148,8 @@ def run_load_test(url: str, pid: int | None = None, requests: int = 16, model: s
     classes = classes or TINY_CLASSES
 
     def arguments(seed_value: int, class_name: str) -> tuple:
-        # model, class, seed, cfg, top-k, top-p, Gumbel smoothing, images, precision
-        return model, class_name, seed_value, 1.0, 10, 0.95, False, images, dtype
+        # model, class_name, seed, cfg, top_k, top_p, images, precision
+        return model, class_name, seed_value, 1.0, 10, 0.95, images, dtype
 
     first = Client(url, verbose=False)
     first.predict(*arguments(seed - 1, classes[0]), api_name="/generate")

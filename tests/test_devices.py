@@ -19,7 +19,8 @@ from unittest import mock
 import pytest
 import torch
 
-from app import handlers, layout, zerogpu
+from app import handlers, tasks, zerogpu
+from app.page import build_app
 from app.registry import ModelEntry, ModelRegistry
 from mvar import devices
 from mvar.checkpoints import save_model
@@ -212,7 +213,7 @@ def test_the_memory_tab_measures_on_the_servers_device(tiny_registry):
     jobs = []
     with mock.patch("mvar.memory.measure", side_effect=lambda job: jobs.append(job) or {"peak_bytes": 2**20}):
         handlers.measured_memory_mib(models, [1], "bf16", device="cpu")
-        with pytest.raises(handlers.UserError, match=r"precision must be one of \['fp32', 'bf16'\]"):
+        with pytest.raises(handlers.UserError, match=r"Precision must be one of fp32, bf16, got 'fp16'"):
             handlers.measured_memory_mib(models, [1], "fp16", device="cpu")  # fp16 is offered on CUDA only
     assert {job.device for job in jobs} == {"cpu"} and len(jobs) == 2
     assert handlers.memory_label("cpu") == "peak RSS above the weights"
@@ -310,23 +311,24 @@ def test_zerogpu_generation_streams_across_the_boundary_with_the_models_moved(ti
     real_place = handlers.place_models
     monkeypatch.setattr(handlers, "place_models", lambda models, device: placed.append(device)
                         or real_place(models, device))
-    tasks = layout.model_tasks(tiny_registry, zerogpu.GpuTasks.detect())
+    model_tasks = tasks.model_tasks(tiny_registry, zerogpu.GpuTasks.detect(), 4)
     assert ("decorated", "frames", zerogpu.GENERATE_SECONDS) in calls
     assert ("decorated", "statistics", zerogpu.ANALYSIS_SECONDS) in calls
-    assert tasks.precisions == ("fp32", "bf16", "fp16")  # ZeroGPU lends GPUs
-    frames = list(tasks.frames("tiny", "class-3", 7, 1.0, 10, 0.95, False, 2, "bf16"))
+    assert model_tasks.precisions == ("fp32", "bf16", "fp16")  # ZeroGPU lends GPUs
+    frames = list(model_tasks.frames("tiny", "class-3", 7, 1.0, 10, 0.95, False, 2, "bf16"))
     assert len(frames) == 21 and placed == ["cpu"] and ("call", "frames") in calls
     record = frames[-1].record  # came back through pickle: numpy images and CPU tensors only
     assert len(record.runs["MVAR"].finals) == 2
-    assert all(w.device.type == "cpu" for run in record.runs.values() for s in run.attention for w in s.values())
-    stats, kernel_size = tasks.statistics("tiny", 1)
+    assert all(w.device.type == "cpu" for run in record.runs.values() for scales in run.attention.values()
+               for s in scales for w in s.values())
+    stats, kernel_size = model_tasks.statistics("tiny", 1)
     assert kernel_size == 7 and stats.mass_by_distance.sum() == pytest.approx(1.0, abs=1e-3)
     assert placed == ["cpu", "cpu"]
-    direct = layout.model_tasks(tiny_registry, zerogpu.GpuTasks())  # no spaces: the registry's device, no move
+    direct = tasks.model_tasks(tiny_registry, zerogpu.GpuTasks(), 4)  # no spaces: the registry's device, no move
     again = list(direct.frames("tiny", "class-3", 7, 1.0, 10, 0.95, False, 2, "bf16"))[-1].record
     assert placed == ["cpu", "cpu"] and direct.precisions == ("fp32", "bf16")
     assert (again.runs["MVAR"].finals[1] == record.runs["MVAR"].finals[1]).all()
-    with pytest.raises(handlers.UserError, match=r"precision must be one of \['fp32', 'bf16'\] here, got 'fp16'"):
+    with pytest.raises(handlers.UserError, match=r"Precision must be one of fp32, bf16, got 'fp16'"):
         next(direct.frames("tiny", "class-3", 7, 1.0, 10, 0.95, False, 1, "fp16"))
 
 
@@ -342,15 +344,15 @@ def test_the_page_says_where_it_runs_and_offers_that_devices_precisions(tiny_reg
     def props(demo):
         return [c.get("props", {}) for c in demo.config["components"]]
 
-    page = props(layout.build_app(tiny_registry))
+    page = props(build_app(tiny_registry))
     (line,) = [p["value"] for p in page if p.get("elem_id") == "device-line"]
     assert line == f"running on CPU ({torch.get_num_threads()} threads)"
     (memory,) = [p["value"] for p in page if p.get("elem_id") == "memory-measure"]
     assert "Measured here on cpu: **peak RSS above the weights**" in memory
     radios = [p for p in page if p.get("label") == "Precision"]
-    assert [[c[1] for c in r["choices"]] for r in radios] == [["fp32", "bf16"], ["fp32", "bf16"]]
+    assert [[c[1] for c in r["choices"]] for r in radios][:2] == [["fp32", "bf16"], ["fp32", "bf16"]]
     monkeypatch.setitem(sys.modules, "spaces", fake_spaces([]))
-    page = props(layout.build_app(tiny_registry, gpu=zerogpu.GpuTasks.detect()))
+    page = props(build_app(tiny_registry, gpu=zerogpu.GpuTasks.detect()))
     assert any("running on ZeroGPU" in str(p.get("value")) for p in page if p.get("elem_id") == "device-line")
     generation = [p for p in page if p.get("label") == "Precision"][0]
     assert [c[1] for c in generation["choices"]] == ["fp32", "bf16", "fp16"]

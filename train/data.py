@@ -128,7 +128,8 @@ def token_cache(tokenizer, tokenizer_path, dataset, cache_dir, split: str, batch
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             images = torch.stack([image for image, _ in items])
-            device = tokenizer.quant_conv.weight.device  # the images come from the CPU loader
+            # the images come from the CPU loader; the tokenizer may sit on a GPU
+            device = next(tokenizer.parameters()).device if isinstance(tokenizer, torch.nn.Module) else "cpu"
             tokens.append(torch.cat(tokenizer.encode(images.to(device)), dim=1).to(torch.int16).cpu())
             labels.extend(label for _, label in items)
             beat(len(labels))
