@@ -54,7 +54,18 @@ def load_models(args, device: torch.device) -> tuple[MultiScaleVQVAE, ScaleTrans
                 ScaleTransformer(preset.transformer).to(device).eval(), {})
     tokenizer = load_any(args.tokenizer, "tokenizer", device=device)
     transformer = load_any(args.transformer, "transformer", preset=args.preset, device=device)
-    return tokenizer.model, transformer.model, transformer.extra
+    return tokenizer.model, transformer.model, {**transformer.extra, "trained_mode": transformer.trained_mode}
+
+
+def run_label(mode: AttentionMode, trained_mode: str | None, file_name: str) -> str:
+    """What a run is, by the attention the weights were trained for: "MVAR" for MVAR-trained weights run
+    with MVAR's attention, and exactly what it is otherwise (e.g. VAR weights with MVAR attention)."""
+    if trained_mode is None:
+        return f"{mode.name} attention ({file_name}: the file does not say what it was trained for)"
+    trained = "VAR" if trained_mode == "var" else "MVAR"
+    if trained == mode.name:
+        return f"{mode.name} ({file_name}, trained with {trained} attention)"
+    return f"{trained} weights with {mode.name} attention, not trained for it ({file_name})"
 
 
 def main(argv=None) -> None:
@@ -90,8 +101,10 @@ def main(argv=None) -> None:
     )
     classes = args.classes if args.classes is not None else list(range(transformer.cfg.num_classes))
     labels = [c for c in classes for _ in range(args.per_class)]
-    modes = {"var": [AttentionMode.var()], "mvar": [AttentionMode.mvar()],
-             "both": [AttentionMode.var(), AttentionMode.mvar()]}[args.mode]
+    mvar = AttentionMode.mvar_from_extra(extra)  # the file's kernel size and refine step, else the official ones
+    modes = {"var": [AttentionMode.var()], "mvar": [mvar], "both": [AttentionMode.var(), mvar]}[args.mode]
+    file_name = "random weights" if args.random_init else Path(args.transformer).name
+    trained_mode = "untrained" if args.random_init else extra.get("trained_mode")
     rows = []
     try:
         for mode in modes:
@@ -103,7 +116,9 @@ def main(argv=None) -> None:
             else:
                 rows.append(to_uint8(decode_to_unit(tokenizer, steps[-1].f_hat)))
             seconds = sum(s.seconds for s in steps)
-            print(f"{mode.name}: {len(labels)} images on {describe_device(device)}, tokens in {seconds:.2f} s")
+            label = f"{mode.name} attention on random weights" if trained_mode == "untrained" else run_label(
+                mode, trained_mode, file_name)
+            print(f"{label}: {len(labels)} images on {describe_device(device)}, tokens in {seconds:.2f} s")
     except ValueError as err:
         sys.exit(f"error: {err}")
     columns = len(transformer.cfg.patch_nums) if args.filmstrip else args.per_class
