@@ -40,7 +40,7 @@ from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASUREMENTS = ("latency", "memory", "flops", "train", "train-memory")
+MEASUREMENTS = ("latency", "page", "memory", "flops", "train", "train-memory")
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,21 @@ def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: 
     return {"total": total, "tokens": tokens_seconds, "decode": total - tokens_seconds,
             "per_scale": [s.seconds for s in steps], "kv_cache_bytes": max(s.kv_cache_bytes for s in steps),
             "first_preview": first_preview_seconds(models, mode, batch, dtype, cfg)}
+
+
+def page_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> dict:
+    """A generation as the page runs it: a preview of the first sample after every scale (decoded at the
+    scale's own resolution, ``sampling.decode_preview``), then the other samples' final images decoded."""
+    labels, sampling = benchmark_request(models.transformer.cfg, batch, cfg)
+    device = models.transformer.pos_1LC.device
+    synchronize(device)
+    started = time.perf_counter()
+    steps = list(generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
+                                max_batch=4096, previews=True, preview_samples=1))
+    if batch > 1:  # the first sample's final image is its last preview
+        decode_to_unit(models.tokenizer, steps[-1].f_hat[1:])
+    synchronize(device)
+    return {"total": time.perf_counter() - started, "previews": sum(s.preview_seconds for s in steps)}
 
 
 def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> float:
@@ -220,6 +235,21 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
             out["latency_per_scale"] = [statistics.median(r["per_scale"][s] for r in results)
                                         for s in range(len(results[0]["per_scale"]))]
             out["kv_cache_bytes_allocated"] = results[0]["kv_cache_bytes"]
+    if "page" in wanted:  # the page's previews against the bare generation, alternating, same mode
+        pages = {name: [] for name in modes}
+        bare = {name: [] for name in modes}
+        for mode in modes.values():
+            page_generation(models, mode, batch, dtype, args.cfg)  # warm-up
+        for _ in range(args.repeats):
+            for name, mode in modes.items():
+                bare[name].append(one_generation(models, mode, batch, dtype, args.cfg)["total"])
+                pages[name].append(page_generation(models, mode, batch, dtype, args.cfg))
+        for name in modes:
+            out = entry["modes"][name]
+            out["page_total"] = spread([r["total"] for r in pages[name]])
+            out["page_previews"] = spread([r["previews"] for r in pages[name]])
+            out["page_bare_total"] = spread(bare[name])
+            out["page_ratio"] = out["page_total"]["median"] / out["page_bare_total"]["median"]
     if "flops" in wanted:
         for name, mode in modes.items():
             counted = counted_generation_flops(models, mode, batch, dtype, args.cfg)
@@ -274,6 +304,10 @@ def print_entry(entry: dict) -> None:
         lines.append(f"  of which tokens        VAR {v:.3f} s  MVAR {m:.3f} s")
         v, m = var["first_preview"]["median"], mvar["first_preview"]["median"]
         lines.append(f"  first preview          VAR {v:.3f} s  MVAR {m:.3f} s")
+    if "page_total" in var:
+        v, m = var["page_total"]["median"], mvar["page_total"]["median"]
+        lines.append(f"  page-style generation  VAR {v:.3f} s ({var['page_ratio']:.2f}x bare)  "
+                     f"MVAR {m:.3f} s ({mvar['page_ratio']:.2f}x bare), previews of every scale")
     if "peak_memory" in var:
         v, m = var["peak_memory"]["peak_bytes"], mvar["peak_memory"]["peak_bytes"]
         lines.append(f"  peak memory            VAR {v / 2**20:.0f} MiB  MVAR {m / 2**20:.0f} MiB  ratio {m / v:.2f}")
