@@ -5,7 +5,9 @@
 ``generate`` runs it to the end for batch generation.
 
 Determinism: every sample owns a ``torch.Generator`` seeded from its own seed and draws its
-random numbers in a fixed order, so a sample never depends on the other samples in its batch.
+random numbers in a fixed order, so a sample never depends on the other samples in its batch
+(in fp32; in bf16 and fp16 the matrix products round differently with the batch size, so a sample
+can differ slightly between batches).
 """
 
 from __future__ import annotations
