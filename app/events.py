@@ -477,8 +477,8 @@ def wire_edit(edit, header, services: Services, demo: gr.Blocks | None = None) -
             wanted = editing.parse_edit(models, source, editor, cls, seed, mode, keep, blend)
         except editing.NothingToEdit as err:  # not a failure: the page says what to do
             gr.Warning(str(err))
-            yield (*skip_all[:2], f"**Nothing to edit.** {str(err).removeprefix('nothing to edit: ')}",
-                   *skip_all[3:])
+            why = str(err).removeprefix("nothing to edit: ")
+            yield (*skip_all[:2], f"**Nothing to edit.** {why[:1].upper()}{why[1:]}", *skip_all[3:])
             return
         idle = {name: gr.update(value=None, label=column(name) + ("" if name in wanted.models else ": not run"))
                 for name in ("MVAR", "VAR")}
