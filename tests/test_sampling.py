@@ -234,10 +234,11 @@ def test_previews_cost_what_their_scale_carries_and_the_last_is_the_full_decode(
         assert step.generation_seconds == pytest.approx(step.seconds - step.preview_seconds)
     full = decode_to_unit(tiny_tokenizer, steps[-1].f_hat)
     assert torch.equal(steps[-1].preview, full)
-    small = decode_to_unit(tiny_tokenizer, torch.nn.functional.interpolate(steps[7].f_hat, size=(10, 10),
-                                                                           mode="area"))
-    upsampled = torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(steps[7].preview, upsampled.clamp(0, 1))  # decoded at the scale's own 10x10
+    for scale, decoded_side in ((5, 6), (7, 8), (8, 8)):  # the scale's own side, at most half the last (8)
+        small = decode_to_unit(tiny_tokenizer, torch.nn.functional.interpolate(steps[scale].f_hat, mode="area",
+                                                                               size=(decoded_side,) * 2))
+        upsampled = torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(steps[scale].preview, upsampled.clamp(0, 1))
     assert torch.equal(steps[0].preview, decode_preview(tiny_tokenizer, steps[0].f_hat, PREVIEW_MIN_SIDE))
 
 
