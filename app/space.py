@@ -4,7 +4,8 @@
 
 The folder holds the Space's README.md (its YAML metadata: Gradio SDK at the version requirements.txt
 pins, the Python version and the suggested hardware), the app's entry ``app.py``, the code (``mvar/``,
-``app/``), the default models of ``assets/``, a ``.gitattributes`` that stores the weights with Git LFS,
+``app/``, and ``train/embedded_data.py`` for the Edit tab's dataset samples), the default models of
+``assets/``, a ``.gitattributes`` that stores the weights with Git LFS,
 and a requirements.txt pinned for that hardware. On the Space the page offers the default models at
 once and the official presets for download (see ``app.registry``: SPACE_ID is set there).
 """
@@ -22,6 +23,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CODE_FOLDERS = ("mvar", "app")  # copied as their *.py and *.json files
 CODE_SUFFIXES = (".py", ".json")
+# the embedded dataset, for the Edit tab's "sample from the dataset" (numpy, torch and PIL only)
+DATA_FILES = ("train/__init__.py", "train/embedded_data.py")
 DEFAULT_MODELS = tuple(f"{name}.{suffix}" for name in ("tokenizer", "mvar", "var")
                        for suffix in ("safetensors", "json"))
 OFFICIAL_REPOS = ("FoundationVision/var", "CVLUESTC/MVAR")  # where the presets are downloaded from
@@ -188,6 +191,7 @@ def write_space(out, hardware: str, force: bool = False, root: Path = ROOT) -> l
         for source in sorted((root / folder).iterdir()):
             if source.is_file() and source.suffix in CODE_SUFFIXES:
                 written.append(_copy(source, out / folder / source.name))
+    written.extend(_copy(root / name, out / name) for name in DATA_FILES)
     written.extend(_copy(root / "assets" / name, out / "assets" / name) for name in DEFAULT_MODELS)
     written.append(_copy(root / "app.py", out / "app.py"))
     for name, text in (("README.md", space_readme(target, pins)),

@@ -74,8 +74,10 @@ def test_the_space_folder_for_each_hardware(hardware, tmp_path):
     assert sorted(p.name for p in (out / "assets").iterdir()) == sorted(DEFAULT_MODELS)
     assert all((out / "assets" / n).read_bytes() == (ROOT / "assets" / n).read_bytes() for n in DEFAULT_MODELS)
     assert (out / "app.py").read_bytes() == (ROOT / "app.py").read_bytes()
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["__init__.py", "embedded_data.py"]
+    assert (out / "train" / "embedded_data.py").read_bytes() == (ROOT / "train" / "embedded_data.py").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".gitattributes", "README.md", "app", "app.py", "assets", "mvar", "requirements.txt"])
+        [".gitattributes", "README.md", "app", "app.py", "assets", "mvar", "requirements.txt", "train"])
     assert "*.safetensors filter=lfs" in (out / ".gitattributes").read_text()  # the Hub refuses plain binaries
 
 
