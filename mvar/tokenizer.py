@@ -316,7 +316,10 @@ class MultiScaleVQVAE(nn.Module):
         """Allocated but uninitialised (fast): for loading weights that overwrite every tensor."""
         with torch.device("meta"):
             model = cls(cfg)
-        return model.to_empty(device=device)
+        model = model.to_empty(device=device)
+        for buffer in model.buffers():  # statistics, not weights: start from zero, never from stale memory
+            buffer.zero_()
+        return model
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()

@@ -146,6 +146,8 @@ def test_var_training_checkpoint_gives_the_transformer_or_the_tokenizer(file_dir
     """VAR's trainer writes {"trainer": {"config", "var_wo_ddp", "vae_local", "var_opt"}, "args": OrderedDict}."""
     tokenizer = MultiScaleVQVAE.empty(OFFICIAL_TOKENIZER)
     scramble(tokenizer, seed=3, std=0.02)
+    for buffer in tokenizer.buffers():  # empty() leaves them uninitialised: whatever memory held (even NaN)
+        buffer.zero_()
     path = file_dir / "ar-ckpt-last.pth"
     trainer = {"config": {"patch_nums": OFFICIAL_PATCH_NUMS, "label_smooth": 0.0},
                "var_wo_ddp": official_transformer_state_dict(d16), "vae_local": tokenizer.state_dict(),
