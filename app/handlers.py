@@ -448,6 +448,7 @@ class Filmstrip:
 def filmstrips(record: GenerationRecord | None, scale=None, sample=1) -> tuple[Filmstrip | None, Filmstrip | None]:
     if record is None:
         return None, None
+    record = _record(record)
     current = record.num_scales - 1 if scale is None else check_scale(record, scale)
     sample = check_sample(record, sample)
     names = [f"{s + 1}: {p}x{p}" for s, p in enumerate(record.patch_nums)]
