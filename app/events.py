@@ -174,10 +174,13 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
     gen.stop.click(None, None, None, cancels=[generation], **PRIVATE)
 
     # ----- stepping and samples ---------------------------------------------------------------
-    def views(token, scale, sample):
+    def views(token, scale, sample=None):
         record = store.get(token)
         if record is None:
             return tuple(gr.skip() for _ in range(4))
+        # the record's shown sample, not the event's: a reply to an older event must not bring back the
+        # sample the user picked before (events of one page can finish out of order)
+        sample = record.shown_sample + 1
         mvar_image, var_image = handlers.scale_view(record, scale, sample)
         s = handlers.check_scale(record, scale)
         side = record.patch_nums[s]
@@ -205,7 +208,8 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
         if record is None:
             return tuple(gr.skip() for _ in range(4))
         ensure_sample(token, record, sample)
-        return views(token, scale, sample)
+        record.shown_sample = handlers.check_sample(record, sample)
+        return views(token, scale)
 
     sample_event = gen.sample.change(ui_event(on_sample, len(view_outputs)), [head.record, gen.sample, gen.scale],
                                      view_outputs, concurrency_id="generate", **PRIVATE)
@@ -225,13 +229,15 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
         if record is None:
             return tuple(gr.skip() for _ in att_outputs)
         s = handlers.check_scale(record, scale)
+        moved = False
         if referred is not None and referred != s and handlers.checks.is_integer(handlers._integral(row)) \
                 and handlers.checks.is_integer(handlers._integral(col)):
             old_side = record.patch_nums[referred]
             row, col = handlers.move_token(min(int(handlers._integral(row)), old_side - 1),
                                            min(int(handlers._integral(col)), old_side - 1), old_side,
                                            record.patch_nums[s])
-        view = handlers.attention_view(record, scale, layer, head_, row, col, sample)
+            moved = True
+        view = handlers.attention_view(record, scale, layer, head_, row, col, record.shown_sample + 1)
         overlay = plots.attention_overlay(view.mvar_preview, view.mvar_grid, view.token, size=OVERLAY_SIZE,
                                           window=view.window)
         masks = [plots.mask_figure(view.patch_nums, kind, view.refine_step, view.kernel_size,
@@ -239,7 +245,10 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
         return (files.shown(plots.with_colour_bar(overlay, float(view.mvar_grid.max()))),
                 plots.cross_scale_heatmaps(view.var_grids, f"VAR: where token {view.token} attends, scale by scale"),
                 plots.mass_by_scale_figure(view.var_mass, view.scale, "VAR: attention mass per scale"),
-                *masks, view.caption, view.token[0], view.token[1], s)
+                *masks, view.caption,
+                # the boxes are written only when the token moved with the scale: otherwise a reply to an
+                # earlier event would overwrite what the user is typing into them
+                view.token[0] if moved else gr.skip(), view.token[1] if moved else gr.skip(), s)
 
     att_inputs = [head.record, gen.scale, att.layer, att.head, att.token_row, att.token_col, gen.sample, token_scale]
     attention = ui_event(on_attention, len(att_outputs))

@@ -240,6 +240,7 @@ class GenerationRecord:
     num_heads: int
     runs: dict[str, ModelRun]  # "MVAR", "VAR"
     labels: dict[str, str] = field(default_factory=dict)  # "MVAR"/"VAR" -> what the column shows
+    shown_sample: int = 0  # the sample the page shows (0-based); kept here so late replies follow the latest pick
 
     @property
     def num_scales(self) -> int:

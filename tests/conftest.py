@@ -39,3 +39,39 @@ def tiny_transformer(tiny_preset):
 def random_tokens(schedule_patch_nums, vocab: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, p * p), generator=generator) for p in schedule_patch_nums]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory):
+    """The app's tiny test models as files (tok.safetensors, mvar.safetensors with class names), made once."""
+    from .app_server import save_tiny_models
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    save_tiny_models(folder)
+    return folder
+
+
+def registry_of(folder, **kwargs):
+    """A registry offering only the tiny models of ``folder`` under the key "tiny"."""
+    from app.registry import ModelEntry, ModelRegistry
+
+    entry = ModelEntry("tiny", "tiny test models", "local", str(folder / "tok.safetensors"),
+                       str(folder / "mvar.safetensors"))
+    return ModelRegistry(None, assets_dir=folder / "no-assets", extra=[entry], **kwargs)
+
+
+@pytest.fixture
+def ram_dir(tmp_path):
+    """A folder in RAM when the machine has one: the d16 tests write files of 1.2 GB."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        folder = Path(tempfile.mkdtemp(dir=shm, prefix="mvar-test-"))
+        yield folder
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        yield tmp_path

@@ -6,27 +6,17 @@ import torch
 
 from app import handlers, plots
 from app.analysis import AttentionStats, mass_per_key_scale, scale_grid, window_box, window_mass
-from app.registry import ModelEntry, ModelRegistry
-from mvar.checkpoints import save_model
+from app.registry import ModelRegistry
 from mvar.schedule import ScaleSchedule
 
-from .conftest import scramble
+from .conftest import registry_of
 
 SCHEDULE = ScaleSchedule()
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_preset):
-    from mvar.tokenizer import MultiScaleVQVAE
-    from mvar.transformer import ScaleTransformer
-
-    folder = tmp_path_factory.mktemp("tiny-models")
-    save_model(folder / "tok.safetensors", scramble(MultiScaleVQVAE(tiny_preset.tokenizer), seed=3))
-    save_model(folder / "mvar.safetensors", scramble(ScaleTransformer(tiny_preset.transformer), seed=4),
-               extra={"class_names": [f"class-{i}" for i in range(12)], "sampling_defaults": {"cfg": 1.0}})
-    entry = ModelEntry("tiny", "tiny test models", "local", str(folder / "tok.safetensors"),
-                       str(folder / "mvar.safetensors"))
-    return ModelRegistry(None, assets_dir=folder / "no-assets", extra=[entry])
+def registry(tiny_model_files):
+    return registry_of(tiny_model_files)
 
 
 @pytest.fixture(scope="module")

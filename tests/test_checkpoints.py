@@ -1,8 +1,5 @@
 import os
 import pickle
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,20 +22,8 @@ from mvar.config import official_transformer
 from mvar.transformer import ScaleTransformer
 
 
-@pytest.fixture
-def memory_dir(tmp_path):
-    """A folder in RAM when the machine has one: the d16 test writes 2.5 GB of files."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        folder = Path(tempfile.mkdtemp(dir=shm, prefix="mvar-test-"))
-        yield folder
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        yield tmp_path
-
-
-def test_d16_official_layout_loads_strictly_and_round_trips_bit_exactly(memory_dir):
-    tmp_path = memory_dir
+def test_d16_official_layout_loads_strictly_and_round_trips_bit_exactly(ram_dir):
+    tmp_path = ram_dir
     model = ScaleTransformer.empty(official_transformer(16))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

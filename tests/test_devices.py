@@ -21,12 +21,11 @@ import torch
 
 from app import handlers, tasks, zerogpu
 from app.page import build_app
-from app.registry import ModelEntry, ModelRegistry
+from app.registry import ModelRegistry
 from mvar import devices
-from mvar.checkpoints import save_model
 from mvar.memory import MemoryJob, measure_label
 
-from .conftest import scramble
+from .conftest import registry_of
 
 
 @pytest.fixture
@@ -282,21 +281,12 @@ def test_with_spaces_the_call_runs_in_spaces_gpu_with_its_duration_and_device(mo
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory, tiny_preset):
-    from mvar.tokenizer import MultiScaleVQVAE
-    from mvar.transformer import ScaleTransformer
-
-    folder = tmp_path_factory.mktemp("tiny-device-models")
-    save_model(folder / "tok.safetensors", scramble(MultiScaleVQVAE(tiny_preset.tokenizer), seed=3))
-    save_model(folder / "mvar.safetensors", scramble(ScaleTransformer(tiny_preset.transformer), seed=4),
-               extra={"class_names": [f"class-{i}" for i in range(12)], "sampling_defaults": {"cfg": 1.0}})
-    return folder
+def tiny_files(tiny_model_files):
+    return tiny_model_files
 
 
 def _registry(folder) -> ModelRegistry:
-    entry = ModelEntry("tiny", "tiny test models", "local", str(folder / "tok.safetensors"),
-                       str(folder / "mvar.safetensors"))
-    return ModelRegistry(None, assets_dir=folder / "no-assets", extra=[entry], device="cpu")
+    return registry_of(folder, device="cpu")
 
 
 @pytest.fixture

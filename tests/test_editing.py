@@ -15,33 +15,22 @@ from PIL import Image
 from app import editing, plots
 from app.handlers import UserError
 from app.policy import MAX_UPLOAD_BYTES, GenerationStore, record_bytes
-from app.registry import ModelEntry, ModelRegistry
 from app.tasks import model_tasks
 from app.zerogpu import GpuTasks
-from mvar.checkpoints import save_model
 from mvar.config import VAR_MODE
 from mvar.edit import edit, image_pyramid, outpaint_mask
 from mvar.sample import to_uint8
 from train import embedded_data
 
-from .conftest import scramble
+from .conftest import registry_of
 
 SIZE = 64  # the tiny tokenizer's image size
 CANVAS = editing.CANVAS
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_preset):
-    from mvar.tokenizer import MultiScaleVQVAE
-    from mvar.transformer import ScaleTransformer
-
-    folder = tmp_path_factory.mktemp("tiny-edit-models")
-    save_model(folder / "tok.safetensors", scramble(MultiScaleVQVAE(tiny_preset.tokenizer), seed=3))
-    save_model(folder / "mvar.safetensors", scramble(ScaleTransformer(tiny_preset.transformer), seed=4),
-               extra={"class_names": [f"class-{i}" for i in range(12)], "sampling_defaults": {"cfg": 1.0}})
-    entry = ModelEntry("tiny", "tiny test models", "local", str(folder / "tok.safetensors"),
-                       str(folder / "mvar.safetensors"))
-    return ModelRegistry(None, assets_dir=folder / "no-assets", extra=[entry])
+def registry(tiny_model_files):
+    return registry_of(tiny_model_files)
 
 
 @pytest.fixture(scope="module")

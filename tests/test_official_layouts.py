@@ -9,7 +9,6 @@ where the check is about one entry.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import types
@@ -36,18 +35,6 @@ from mvar.transformer import ScaleTransformer
 from .conftest import scramble
 
 PWNED = Path(tempfile.gettempdir()) / "mvar_layout_pwned"
-
-
-@pytest.fixture
-def file_dir(tmp_path):
-    """A folder in RAM when the machine has one: the d16 files are 1.2 GB each."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        folder = Path(tempfile.mkdtemp(dir=shm, prefix="mvar-layouts-"))
-        yield folder
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +96,9 @@ def save_without_module(obj, path: Path, module: str) -> None:
 # ----- d16, official layouts -------------------------------------------------------------------
 
 
-def test_mvar_release_file_loads_as_mvar(file_dir, d16):
+def test_mvar_release_file_loads_as_mvar(ram_dir, d16):
     """mvar-d16.pth / mvar-finetune-dXX.pth: a dict whose 'mvar_wo_ddp' entry is the state dict, beside others."""
-    path = file_dir / "mvar-d16.pth"
+    path = ram_dir / "mvar-d16.pth"
     torch.save({"mvar_wo_ddp": official_transformer_state_dict(d16, mask="block-diagonal"), "epoch": 300}, path)
     loaded = load_any(path, "transformer")
     assert loaded.config == official_transformer(16)
@@ -120,11 +107,11 @@ def test_mvar_release_file_loads_as_mvar(file_dir, d16):
     assert_same_weights(loaded.model, d16)
 
 
-def test_mvar_training_checkpoint_with_args_of_an_absent_class(file_dir, d16, absent_module_args):
+def test_mvar_training_checkpoint_with_args_of_an_absent_class(ram_dir, d16, absent_module_args):
     """{"epoch", "iter", "trainer": {"config", "mvar_wo_ddp", "mvar_opt"}, "args"}: the weights come out,
     the args (an object of a class not installed here) are read as data, and their kernel_size /
     refine_step set MVAR's attention."""
-    path = file_dir / "mvar-ckpt-ep-3.pth"
+    path = ram_dir / "mvar-ckpt-ep-3.pth"
     trainer = {"config": {"patch_nums": OFFICIAL_PATCH_NUMS, "resos": tuple(16 * p for p in OFFICIAL_PATCH_NUMS),
                           "label_smooth": 0.0},
                "mvar_wo_ddp": official_transformer_state_dict(d16, mask="block-diagonal"),
@@ -142,13 +129,13 @@ def test_mvar_training_checkpoint_with_args_of_an_absent_class(file_dir, d16, ab
     assert "official_run_utils" not in sys.modules  # nothing was imported on the file's behalf
 
 
-def test_var_training_checkpoint_gives_the_transformer_or_the_tokenizer(file_dir, d16):
+def test_var_training_checkpoint_gives_the_transformer_or_the_tokenizer(ram_dir, d16):
     """VAR's trainer writes {"trainer": {"config", "var_wo_ddp", "vae_local", "var_opt"}, "args": OrderedDict}."""
     tokenizer = MultiScaleVQVAE.empty(OFFICIAL_TOKENIZER)
     scramble(tokenizer, seed=3, std=0.02)
     for buffer in tokenizer.buffers():  # empty() leaves them uninitialised: whatever memory held (even NaN)
         buffer.zero_()
-    path = file_dir / "ar-ckpt-last.pth"
+    path = ram_dir / "ar-ckpt-last.pth"
     trainer = {"config": {"patch_nums": OFFICIAL_PATCH_NUMS, "label_smooth": 0.0},
                "var_wo_ddp": official_transformer_state_dict(d16), "vae_local": tokenizer.state_dict(),
                "var_opt": optimiser_state(d16)}
