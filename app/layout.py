@@ -173,6 +173,18 @@ def model_text(models) -> str:
     return f"**MVAR column:** {models.mvar_label}  \n**VAR column:** {models.var_label}  \n{models.baseline_note}."
 
 
+def image_pair(prefix: str) -> tuple[gr.Image, gr.Image]:
+    """The MVAR and VAR images side by side (element ids ``{prefix}mvar-image`` and ``{prefix}var-image``)."""
+    with gr.Row():
+        return tuple(gr.Image(label=label, height=320, interactive=False, elem_id=f"{prefix}{name}-image",
+                              min_width=200) for name, label in (("mvar", "MVAR"), ("var", "VAR baseline")))
+
+
+def scale_slider(num_scales: int, elem_id: str, what: str) -> gr.Slider:
+    return gr.Slider(1, num_scales, value=num_scales, step=1, elem_id=elem_id,
+                     label=f"Scale (1 to {num_scales}): {what}")
+
+
 def generate_section(first, precisions: tuple[str, ...], default_precision: str, max_images: int) -> GenerateWidgets:
     cfg = first.transformer.cfg
     num_scales = len(cfg.patch_nums)
@@ -206,13 +218,8 @@ def generate_section(first, precisions: tuple[str, ...], default_precision: str,
                                   label="Examples (class, seed): click one, then Generate", elem_id="examples")
         with gr.Column(scale=3, min_width=300):
             status = gr.Markdown("Pick a class and press **Generate**.", elem_id="status")
-            with gr.Row():
-                mvar_image = gr.Image(label="MVAR", height=320, interactive=False, elem_id="mvar-image",
-                                      min_width=200)
-                var_image = gr.Image(label="VAR baseline", height=320, interactive=False, elem_id="var-image",
-                                     min_width=200)
-            scale = gr.Slider(1, num_scales, value=num_scales, step=1, elem_id="scale-slider",
-                              label=f"Scale (1 to {num_scales}): step back and forth without recomputing")
+            mvar_image, var_image = image_pair("")
+            scale = scale_slider(num_scales, "scale-slider", "step back and forth without recomputing")
             sample = gr.Radio(["1"], value="1", label="Sample shown (previews, filmstrips and attention follow it)",
                               elem_id="sample")
             with gr.Row():
@@ -402,13 +409,8 @@ def edit_tab(first) -> EditWidgets:
                 regenerated = gr.Image(label="Regenerated (tinted red)", interactive=False, height=200,
                                        elem_id="edit-regenerated", buttons=[])
         status = gr.Markdown("Load an image, paint a mask and press **Edit the image**.", elem_id="edit-status")
-        with gr.Row():
-            mvar_image = gr.Image(label="MVAR", height=320, interactive=False, elem_id="edit-mvar-image",
-                                  min_width=200)
-            var_image = gr.Image(label="VAR baseline", height=320, interactive=False, elem_id="edit-var-image",
-                                 min_width=200)
-        scale = gr.Slider(1, num_scales, value=num_scales, step=1, elem_id="edit-scale",
-                          label=f"Scale (1 to {num_scales}): step through the edit without recomputing")
+        mvar_image, var_image = image_pair("edit-")
+        scale = scale_slider(num_scales, "edit-scale", "step through the edit without recomputing")
         with gr.Column(elem_id="edit-filmstrips"):
             mvar_strip = gr.Image(label="MVAR edit, scale by scale (current scale framed)", interactive=False,
                                   elem_id="edit-mvar-strip", buttons=[])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,18 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# as root, without a screen, with no network: no sandbox, no GPU, no background connections
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def open_page(playwright, url: str, width: int = 1400, height: int = 1800):
+    """(browser, page): Debian's chromium, headless, showing ``url`` in a ``width`` x ``height`` window."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    return browser, page
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ Also its limits: a full queue refuses politely, a generation past the time limit
 the app keeps per session stays within its budget.
 """
 
-import shutil
 import time
 from pathlib import Path
 
@@ -18,11 +17,8 @@ from app.policy import GenerationStore, ImageFiles, record_bytes, ui_event
 from mvar.config import VAR_MODE
 from mvar.sampling import SamplingConfig
 
-from .app_server import AppServer
+from .app_server import CHROMIUM, AppServer, open_page
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-quic"]
 BUSY_PAGE = "This application is currently busy"  # what Gradio's page says when the queue refuses a request
 BUSY_CLIENT = "Queue is full! Please try again."  # what gradio_client raises (QueueError) then
 
@@ -116,9 +112,7 @@ def test_browser_flows_of_a_first_time_user(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(server.url)
+        browser, page = open_page(playwright, server.url, 1400, 1800)
         page.locator("#images").get_by_text("2", exact=True).click()
         page.get_by_role("button", name="Generate").click()
         page.get_by_text("done: 2 images").wait_for(timeout=120_000)
@@ -185,9 +179,7 @@ def test_browser_on_a_phone_the_page_fits_and_the_filmstrips_read(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 400, "height": 900})
-        page.goto(server.url)
+        browser, page = open_page(playwright, server.url, 400, 900)
         page.get_by_role("button", name="Generate").click()
         page.get_by_text("done:").wait_for(timeout=120_000)
         overflow = page.evaluate("document.documentElement.scrollWidth")
@@ -260,9 +252,7 @@ def test_full_queue_shows_busy_in_the_page(busy_server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1200})
-        page.goto(busy_server.url)
+        browser, page = open_page(playwright, busy_server.url, 1400, 1200)
         page.get_by_role("button", name="Generate").wait_for()
         holders, held = fill_queue(busy_server.url)
         page.get_by_role("button", name="Generate").click()

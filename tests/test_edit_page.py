@@ -5,19 +5,14 @@ message in the page, never an error badge."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from app.policy import MAX_UPLOAD_BYTES
 
-from .app_server import AppServer
+from .app_server import CHROMIUM, AppServer, open_page
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--disable-quic"]
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
 
 
@@ -33,9 +28,7 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(server.url)
+        browser, page = open_page(playwright, server.url)
         page.get_by_role("tab", name="Edit").click()
         yield page
         assert page.locator(".toast-body.error").count() == 0  # never an error badge
