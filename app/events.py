@@ -93,9 +93,12 @@ def strip_file(files: ImageFiles, strip: Filmstrip | None):
     return None if strip is None else files.shown(plots.filmstrip(strip.frames, strip.labels, strip.current))
 
 
-def image_label(name: str, record: GenerationRecord | None, scale: int, num_scales: int, side: int) -> str:
-    column = "MVAR" if name == "MVAR" else "VAR baseline"
-    return f"{column}, {handlers.scale_name(scale, num_scales, side)}"
+COLUMNS = {"MVAR": "MVAR", "VAR": "VAR baseline"}
+
+
+def image_label(name: str, shown_scale: str | None) -> str:
+    """An image's label: its column and the scale it shows ("MVAR, scale 3 of 10 (3x3)")."""
+    return COLUMNS[name] if shown_scale is None else f"{COLUMNS[name]}, {shown_scale}"
 
 
 def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> None:
@@ -135,26 +138,19 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
         try:
             for frame in frames:
                 rec = frame.record
-                num_scales = len(rec.patch_nums) if rec else None
-                images = []
-                for name, image in (("MVAR", frame.mvar_image), ("VAR", frame.var_image)):
-                    label = "MVAR" if name == "MVAR" else "VAR baseline"
-                    if image is not None:
-                        label = f"{label}, scale {frame.scale + 1}"
-                    images.append(gr.update(value=shown(files, image), label=label))
+                images = [gr.update(value=shown(files, image), label=image_label(name, frame.shown_scales.get(name)))
+                          for name, image in (("MVAR", frame.mvar_image), ("VAR", frame.var_image))]
                 if rec is None:
                     yield (*images, frame.status, *skip_rest)
                     continue
+                num_scales = rec.num_scales
                 token = store.put(request.session_hash if request else None, rec)
                 finals = handlers.final_images(rec)
                 downloads = files.downloads(token, {handlers.download_name(rec, name, i): image
                                                     for name, images_ in finals.items()
                                                     for i, image in enumerate(images_)})
                 strips = handlers.filmstrips(rec)
-                side = rec.patch_nums[-1]
-                labels = [image_label(n, rec, num_scales - 1, num_scales, side) for n in ("MVAR", "VAR")]
-                yield (gr.update(value=images[0]["value"], label=labels[0]),
-                       gr.update(value=images[1]["value"], label=labels[1]), frame.status, token,
+                yield (*images, frame.status, token,
                        gr.update(maximum=num_scales, value=num_scales),
                        gr.update(choices=[str(i + 1) for i in range(rec.num_images)], value="1"),
                        [(files.shown(image), f"sample {i + 1}") for i, image in enumerate(finals["MVAR"])],
@@ -185,7 +181,7 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
         s = handlers.check_scale(record, scale)
         side = record.patch_nums[s]
         strips = handlers.filmstrips(record, scale, sample)
-        labels = [image_label(name, record, s, record.num_scales, side) for name in ("MVAR", "VAR")]
+        labels = [image_label(name, handlers.scale_name(s, record.num_scales, side)) for name in ("MVAR", "VAR")]
         return (gr.update(value=shown(files, mvar_image), label=labels[0]),
                 gr.update(value=shown(files, var_image), label=labels[1]),
                 strip_file(files, strips[0]), strip_file(files, strips[1]))

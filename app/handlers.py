@@ -273,9 +273,10 @@ class Frame:
 
     mvar_image: np.ndarray | None
     var_image: np.ndarray | None
-    scale: int  # 0-based
+    scale: int  # 0-based, the latest scale of either model
     status: str
     record: GenerationRecord | None = None
+    shown_scales: dict[str, str] = field(default_factory=dict)  # "MVAR"/"VAR" -> scale_name of its image
 
 
 def load_models(registry: ModelRegistry, model_key, progress=None, device=None) -> LoadedModels:
@@ -365,6 +366,7 @@ def _frames(models: LoadedModels, model_key: str, settings: Settings) -> Iterato
     record = GenerationRecord(model_key, settings, patch_nums, layers, models.transformer.cfg.num_heads, runs,
                               {"MVAR": models.mvar_label, "VAR": models.var_label})
     latest = {"MVAR": None, "VAR": None}
+    shown = {}  # the scale each image shows: MVAR runs a scale before VAR does
     for scale in range(num_scales):
         for name, stream in streams.items():
             step = next(stream)
@@ -381,15 +383,16 @@ def _frames(models: LoadedModels, model_key: str, settings: Settings) -> Iterato
                 rest = list(to_uint8(decode_to_unit(tokenizer, step.f_hat[1:]))) if settings.num_images > 1 else []
                 run.finals = [image, *rest]
             latest[name] = image
+            shown[name] = scale_name(scale, num_scales, step.side)
             status = (f"{scale_name(scale, num_scales, step.side)}  |  MVAR {_milliseconds(runs['MVAR'].seconds)}, "
                       f"VAR {_milliseconds(runs['VAR'].seconds)} (generation alone)")
-            yield Frame(latest["MVAR"], latest["VAR"], scale, status)
+            yield Frame(latest["MVAR"], latest["VAR"], scale, status, shown_scales=dict(shown))
     done = (f"done: {settings.num_images} image{'s' if settings.num_images > 1 else ''} of "
             f"{settings.class_name!r}, seed {settings.seed}"
             + (f" (samples use seeds {settings.seed}..{settings.seed + settings.num_images - 1})"
                if settings.num_images > 1 else "")
             + f", {settings.precision}  |  {timing_summary(runs)}")
-    yield Frame(latest["MVAR"], latest["VAR"], num_scales - 1, done, record)
+    yield Frame(latest["MVAR"], latest["VAR"], num_scales - 1, done, record, dict(shown))
 
 
 def random_seed() -> int:

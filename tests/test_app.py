@@ -37,6 +37,9 @@ def test_generation_streams_a_frame_per_scale_per_model(record):
         assert list(run.attention) == [0]  # captured for the sample shown only
     assert [f.scale for f in frames[:-1]] == [s for s in range(10) for _ in range(2)]
     assert frames[0].status.startswith("scale 1 of 10 (1x1)")
+    # each image is labelled with its own scale: MVAR runs a scale before VAR
+    assert frames[4].shown_scales == {"MVAR": "scale 3 of 10 (3x3)", "VAR": "scale 2 of 10 (2x2)"}
+    assert frames[-1].shown_scales == {"MVAR": "scale 10 of 10 (16x16)", "VAR": "scale 10 of 10 (16x16)"}
     done = frames[-1].status
     assert done.startswith("done: 2 images of 'class-3', seed 7 (samples use seeds 7..8), fp32")
     assert "generation alone: MVAR" in done and "previews" in done and "attention capture" in done
