@@ -225,14 +225,7 @@ def wire(demo: gr.Blocks, page: Page, api: ApiWidgets, services: Services) -> No
         if record is None:
             return tuple(gr.skip() for _ in att_outputs)
         s = handlers.check_scale(record, scale)
-        moved = False
-        if referred is not None and referred != s and handlers.checks.is_integer(handlers._integral(row)) \
-                and handlers.checks.is_integer(handlers._integral(col)):
-            old_side = record.patch_nums[referred]
-            row, col = handlers.move_token(min(int(handlers._integral(row)), old_side - 1),
-                                           min(int(handlers._integral(col)), old_side - 1), old_side,
-                                           record.patch_nums[s])
-            moved = True
+        row, col, moved = handlers.token_after_scale_change(record, referred, s, row, col)
         view = handlers.attention_view(record, scale, layer, head_, row, col, record.shown_sample + 1)
         overlay = plots.attention_overlay(view.mvar_preview, view.mvar_grid, view.token, size=OVERLAY_SIZE,
                                           window=view.window)

@@ -600,6 +600,19 @@ def move_token(row: int, col: int, old_side: int, new_side: int) -> tuple[int, i
     return place(row), place(col)
 
 
+def token_after_scale_change(record: GenerationRecord, old_scale: int | None, new_scale: int, row, col):
+    """(row, col, moved): the token boxes' values carried to ``new_scale`` (0-based) when they referred to
+    ``old_scale``; unchanged (and checked later) when the scale is the same or the boxes hold no numbers."""
+    row_value, col_value = _integral(row), _integral(col)
+    if old_scale is None or old_scale == new_scale or not (checks.is_integer(row_value)
+                                                         and checks.is_integer(col_value)):
+        return row, col, False
+    old_side = record.patch_nums[old_scale]
+    row, col = move_token(min(max(int(row_value), 0), old_side - 1), min(max(int(col_value), 0), old_side - 1),
+                          old_side, record.patch_nums[new_scale])
+    return row, col, True
+
+
 def check_token(record: GenerationRecord, scale: int, row, col) -> tuple[int, int]:
     side = record.patch_nums[scale]
     return (_whole("Token row", row, 0, side - 1), _whole("Token column", col, 0, side - 1))

@@ -95,6 +95,14 @@ def test_attention_view_window_and_masses(record):
     assert plots.mask_figure(rec.patch_nums, "mvar", highlight_row=view.position).layout.yaxis.title.text
 
 
+def test_the_token_boxes_follow_a_scale_change_only(record):
+    rec = record[-1].record
+    assert handlers.token_after_scale_change(rec, 9, 2, 15, 15) == (2, 2, True)
+    assert handlers.token_after_scale_change(rec, 2, 2, 16, 0) == (16, 0, False)  # same scale: checked later
+    assert handlers.token_after_scale_change(rec, None, 2, 5, 5) == (5, 5, False)
+    assert handlers.token_after_scale_change(rec, 9, 2, "", 3) == ("", 3, False)
+
+
 def test_the_token_moves_to_the_same_place_when_the_scale_changes():
     assert handlers.move_token(15, 15, 16, 3) == (2, 2)  # the corner stays the corner
     assert handlers.move_token(0, 0, 16, 4) == (0, 0)
