@@ -3,7 +3,9 @@
 ``--data embedded`` draws the project's own dataset (``embedded_data.py``); any other value is
 a folder in ImageNet layout, ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*``, whose
 class names come from the folder names or from ``root/class_names.json`` (a list, or a mapping
-from folder name to readable name).
+from folder name to readable name). A folder whose ``root/dataset.json`` says ``"random_flip": false``
+carries its own mirrored copies where its classes allow them (a mirrored clock is no clock), so
+the loader adds none.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             for path in sorted((self.root / name).iterdir())
             if path.suffix.lower() in IMAGE_SUFFIXES
         ]
-        self.image_size, self.flip, self.seed = image_size, flip, seed
+        self.image_size, self.seed = image_size, seed
+        self.flip = flip and read_dataset_info(Path(root)).get("random_flip", True)
         self.class_names = read_class_names(Path(root), self.classes)
 
     def __len__(self) -> int:
@@ -63,6 +66,11 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def read_dataset_info(root: Path) -> dict:
+    info = root / "dataset.json"
+    return json.loads(info.read_text()) if info.exists() else {}
 
 
 def read_class_names(root: Path, folders: list[str]) -> list[str]:
