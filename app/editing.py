@@ -36,8 +36,8 @@ from mvar.edit import (
     prepare_mask,
     token_masks,
 )
-from mvar.sample import to_uint8
 from mvar.sampling import SamplingConfig, decode_to_unit
+from mvar.tokenizer import to_uint8
 
 from .handlers import (
     PRECISIONS,

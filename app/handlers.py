@@ -31,9 +31,9 @@ from mvar import checks
 from mvar.config import VAR_MODE, AttentionMode
 from mvar.costs import dtype_bytes, generation_cost
 from mvar.devices import autocast_precisions
-from mvar.sample import to_uint8
 from mvar.sampling import SEED_MODULUS, SamplingConfig, decode_preview, decode_to_unit, generate_steps
 from mvar.schedule import ScaleSchedule
+from mvar.tokenizer import to_uint8
 
 from .analysis import AttentionStats, mass_per_key_scale, scale_grid, window_box
 from .registry import LoadedModels, ModelRegistry

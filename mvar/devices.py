@@ -10,7 +10,8 @@ job, evaluation and training) takes ``--device auto|cpu|cuda|cuda:N`` and resolv
 
 Training under torchrun resolves per rank with :func:`distributed_device` (rank i of a node on
 ``cuda:LOCAL_RANK``). Also here: a one-line description of a device for the page, the autocast
-precisions a device offers, and a ``synchronize`` that is a no-op on the CPU (for timings).
+precisions a device offers, ``DTYPES`` (the one map from a precision's name to its dtype),
+and a ``synchronize`` that is a no-op on the CPU (for timings).
 """
 
 from __future__ import annotations
@@ -106,6 +107,17 @@ def describe_device(device) -> str:
         threads = torch.get_num_threads()
         return f"CPU ({threads} thread{'s' if threads != 1 else ''})"
     return str(device)
+
+
+# The one map from a precision's name (flags, the page) to its torch dtype.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a precision name (fp32 | bf16 | fp16); a ValueError names the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {checks.shown(name)}")
+    return DTYPES[name]
 
 
 def autocast_precisions(device) -> tuple[str, ...]:

@@ -291,7 +291,8 @@ def _mode_choices(name: str, extra: dict) -> list[AttentionMode]:
 
 def main(argv=None) -> None:
     from .checkpoints import CheckpointError, load_any
-    from .sample import ASSETS, DTYPES, image_grid, to_uint8
+    from .sample import ASSETS, DTYPES, image_grid
+    from .tokenizer import to_uint8
 
     parser = argparse.ArgumentParser(prog="python -m mvar.edit", description=__doc__.split("\n")[0])
     parser.add_argument("--image", required=True, help="the image to edit (any size, mode or aspect ratio)")

@@ -22,16 +22,11 @@ from .checkpoints import CheckpointError, load_any
 from .config import AttentionMode, get_preset
 from .devices import add_device_flag, describe_device, device_from_flag
 from .sampling import SamplingConfig, decode_to_unit, generate_steps
-from .tokenizer import MultiScaleVQVAE
+from .tokenizer import MultiScaleVQVAE, to_uint8
 from .transformer import ScaleTransformer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
-    return (images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

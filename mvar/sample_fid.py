@@ -212,7 +212,7 @@ def draw(transformer, tokenizer, settings: RunSettings, sampling: SamplingConfig
     """Generate and save the images of ``indices``, a batch at a time, with a progress bar and throughput."""
     from tqdm import tqdm
 
-    from .sample import to_uint8
+    from .tokenizer import to_uint8
 
     dtype = DTYPES[settings.dtype]
     started = time.perf_counter()

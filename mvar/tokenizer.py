@@ -21,6 +21,11 @@ from .checks import integer, real
 from .config import TokenizerConfig
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoded images (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 for PNG files and the page."""
+    return images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _check_tensor(name: str, value, ndim: int, floating: bool = True) -> torch.Tensor:
     """A tensor of ``ndim`` dims, floating point (or integer with ``floating=False``), else ValueError."""
     if not isinstance(value, torch.Tensor):

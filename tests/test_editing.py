@@ -19,7 +19,7 @@ from app.tasks import model_tasks
 from app.zerogpu import GpuTasks
 from mvar.config import VAR_MODE
 from mvar.edit import edit, image_pyramid, outpaint_mask
-from mvar.sample import to_uint8
+from mvar.tokenizer import to_uint8
 from train import embedded_data
 
 from .conftest import registry_of

@@ -15,9 +15,9 @@ import pytest
 
 from mvar.checkpoints import save_model
 from mvar.config import VAR_MODE
-from mvar.sample import to_uint8
 from mvar.sample_fid import main, sampling_settings
 from mvar.sampling import SamplingConfig, generate
+from mvar.tokenizer import to_uint8
 
 from .test_training import REPO, free_port, subprocess_env
 
