@@ -1,6 +1,7 @@
 """Build the default models' training set from licensed emoji artwork (build time only: npm).
 
-    python -m train.build_emoji_dataset --out /work/runs/emoji64 --npm-dir /work/runs/npm --install
+    python -m train.build_emoji_dataset --out /work/runs/emoji64 --npm-dir /work/runs/npm --install \
+        --app-samples assets/dataset_samples.png
 
 Reads the artwork of four npm packages (installed into ``--npm-dir`` with ``--install``), picks
 the emoji of each class in ``train/emoji_classes.py``, composites every style and single skin
@@ -215,6 +216,39 @@ def write_credits(out: Path) -> None:
     atomic_write_bytes(out / "CREDITS.md", ("\n".join(lines) + "\n").encode())
 
 
+def write_app_samples(out: Path, rows: list[dict], per_class: int, target: Path) -> None:
+    """A few held-out images per class as one PNG grid (a row per class) plus a JSON of their
+    class and credit: all the app needs of the data (the Edit tab's "Sample from the dataset")."""
+    chosen = []
+    for index, cls in enumerate(CLASSES):
+        held = [r for r in rows if r["label"] == index and r["split"] == "val"]
+        by_emoji = {}
+        for r in held:  # different emoji first, each in another style, so the samples show the range of looks
+            by_emoji.setdefault(r["emoji"].split(":")[0], []).append(r)
+        styles = list(SOURCES)
+        picks = []
+        for turn, group in enumerate(by_emoji.values()):
+            wanted = styles[(turn + index) % len(styles)]
+            picks.append(next((r for r in group if r["style"] == wanted), group[0]))
+        picks = picks[:per_class] + [r for r in held if r not in picks][:max(0, per_class - len(picks))]
+        if len(picks) < per_class:
+            raise SystemExit(f"error: class {cls.name!r} has only {len(picks)} held-out images")
+        chosen.append(picks)
+    side = Image.open(out / chosen[0][0]["file"]).width
+    grid = Image.new("RGB", (side * per_class, side * len(chosen)), "white")
+    cells = []
+    for row, picks in enumerate(chosen):
+        for column, r in enumerate(picks):
+            grid.paste(Image.open(out / r["file"]), (column * side, row * side))
+            cells.append({k: r[k] for k in ("class", "emoji", "style", "package", "licence", "credit")})
+    buffer = io.BytesIO()
+    grid.save(buffer, "PNG", optimize=True)
+    atomic_write_bytes(target, buffer.getvalue())
+    info = {"cell_size": side, "per_class": per_class, "cells": cells,
+            "credits": {s.style: s.credit for s in SOURCES.values()}}
+    atomic_write_bytes(target.with_suffix(".json"), (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode())
+
+
 def ensure_packages(npm_dir: Path, install: bool) -> None:
     if all((npm_dir / "node_modules" / p.rsplit("@", 1)[0] / "package.json").exists() for p in PACKAGES) or not install:
         return
@@ -238,6 +272,9 @@ def main(argv=None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of each class's emoji held out")
     parser.add_argument("--max-per-class", type=int, default=700, help="training images per class at most (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--app-samples", default="", help="also write this PNG grid (+ .json) of held-out "
+                        "images for the app, e.g. assets/dataset_samples.png")
+    parser.add_argument("--app-samples-per-class", type=int, default=3)
     args = parser.parse_args(argv)
     out = Path(args.out)
     npm_dir = Path(args.npm_dir) if args.npm_dir else out.parent / "npm"
@@ -265,6 +302,8 @@ def main(argv=None) -> None:
                                                        "sources": [asdict(s) for s in SOURCES.values()]},
                                                       indent=1).encode())
     write_credits(out)
+    if args.app_samples:
+        write_app_samples(out, rows, args.app_samples_per_class, Path(args.app_samples))
     print(f"{len(rows)} images ({written} new) in {out}", flush=True)
     for index, cls in enumerate(CLASSES):
         counts = {s: sum(1 for r in rows if r["label"] == index and r["split"] == s) for s in ("train", "val")}
