@@ -9,6 +9,8 @@ from mvar.config import get_preset
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
 
+from .tiny_data import image_folder  # noqa: F401 (the tests' 12-class image folder, a fixture)
+
 torch.set_num_threads(2)
 
 
