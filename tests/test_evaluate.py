@@ -13,19 +13,21 @@ from mvar.checkpoints import CheckpointError, save_model
 from mvar.config import get_preset
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
-from train import embedded_data
+from train import classifier as classifier_command
 from train.classifier import (
     Classifier,
     ClassifierConfig,
     augment,
     load_classifier,
-    load_split,
     predict,
     save_classifier,
 )
 from train.evaluate import frechet_distance, gaussian_stats, main, psd_sqrt
 
-SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "classifier.safetensors"
+from .tiny_data import CLASS_NAMES
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED = ASSETS / "classifier.safetensors"
 SMALL = ClassifierConfig(channels=(8, 16), feature_dim=16)
 
 
@@ -131,16 +133,44 @@ def test_load_classifier_errors_name_the_problem(tmp_path):
         load_classifier(tokenizer)
 
 
+def shipped_samples() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """assets/dataset_samples.png: held-out images of the training set, one row per class."""
+    from PIL import Image
+
+    info = json.loads((ASSETS / "dataset_samples.json").read_text())
+    grid = torch.from_numpy(__import__("numpy").asarray(Image.open(ASSETS / "dataset_samples.png").convert("RGB")))
+    side = info["cell_size"]
+    names = list(dict.fromkeys(cell["class"] for cell in info["cells"]))
+    images, labels = [], []
+    for index, cell in enumerate(info["cells"]):
+        row, column = divmod(index, info["per_class"])
+        images.append(grid[row * side:(row + 1) * side, column * side:(column + 1) * side].permute(2, 0, 1))
+        labels.append(names.index(cell["class"]))
+    return torch.stack(images).float() / 127.5 - 1, torch.tensor(labels), names
+
+
 def test_shipped_classifier_recognises_held_out_images():
     """The judge that ships must be good: a missing or weak assets/classifier.safetensors fails here (~1 s)."""
     loaded = load_classifier(SHIPPED)
     assert SHIPPED.stat().st_size < 5 * 2**20
-    assert loaded.config.num_classes == embedded_data.NUM_CLASSES
-    images, labels = load_split("val", 20 * embedded_data.NUM_CLASSES, seed=0)
+    images, labels, names = shipped_samples()
+    assert loaded.extra["class_names"] == names and loaded.config.num_classes == len(names)
     accuracy = float((predict(loaded.model, images) == labels).float().mean())
-    assert accuracy >= 0.97, f"shipped classifier: {accuracy:.3f} held-out accuracy"
+    assert accuracy >= 0.85, f"shipped classifier: {accuracy:.3f} on the shipped held-out samples"
     card = json.loads(SHIPPED.with_suffix(".json").read_text())
-    assert card["val_accuracy"] >= 0.98 and card["val_images"] >= 2000
+    assert card["val_accuracy"] >= 0.85 and card["val_images"] >= 500
+
+
+def test_classifier_command_trains_on_a_folder_and_writes_its_card(image_folder, tmp_path):
+    out = tmp_path / "cls.safetensors"
+    classifier_command.main(["--data", str(image_folder), "--out", str(out), "--steps", "40", "--batch-size", "24",
+                             "--eval-every", "0", "--num-threads", "1", "--min-accuracy", "0", "--device", "cpu"])
+    loaded = load_classifier(out)
+    assert loaded.extra["class_names"] == CLASS_NAMES and loaded.config.num_classes == 12
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["train_images"] == 96 and card["val_images"] == 24
+    assert set(card["val_accuracy_per_class"]) == set(CLASS_NAMES)
+    assert card["val_accuracy"] > 1 / 12  # 40 steps on drawn shapes beat chance by far
 
 
 # --------------------------------------------------------------------------- the command
@@ -158,11 +188,12 @@ def tiny_files(tmp_path_factory):
     return folder
 
 
-def test_evaluate_command_end_to_end_writes_both_modes(tiny_files, tmp_path, capsys):
+def test_evaluate_command_end_to_end_writes_both_modes(tiny_files, image_folder, tmp_path, capsys):
     out = tmp_path / "report.json"
-    main(["--tokenizer", str(tiny_files / "tok.safetensors"), "--transformer", str(tiny_files / "tr.safetensors"),
+    main(["--data", str(image_folder), "--tokenizer", str(tiny_files / "tok.safetensors"),
+          "--transformer", str(tiny_files / "tr.safetensors"),
           "--classifier", str(tiny_files / "cls.safetensors"), "--per-class", "1", "--cfg", "1.0", "--top-k", "8",
-          "--top-p", "0.9", "--num-real", "24", "--psnr-images", "4", "--batch-size", "12", "--out", str(out)])
+          "--top-p", "0.9", "--psnr-images", "12", "--batch-size", "12", "--out", str(out)])
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"VAR", "MVAR"}
     assert report["modes"]["MVAR"]["attention"]["refine_step"] == 7  # taken from the transformer file
@@ -171,10 +202,12 @@ def test_evaluate_command_end_to_end_writes_both_modes(tiny_files, tmp_path, cap
         assert result["num_samples"] == 12
         assert 0 <= result["accuracy"] <= 1 and 0 <= result["mean_confidence"] <= 1
         assert math.isfinite(result["frechet_distance"]) and result["frechet_distance"] >= 0
-        assert set(result["per_class_accuracy"]) == set(embedded_data.CLASS_NAMES)
+        assert set(result["per_class_accuracy"]) == set(CLASS_NAMES)
     for result in report["modes"].values():
         assert result["generation_seconds"] > 0
-    assert math.isfinite(report["tokenizer"]["psnr_db"]) and report["real"]["num_images"] == 24
+    # real statistics: the 7 training images per class left beside the 1-per-class reference draw
+    assert math.isfinite(report["tokenizer"]["psnr_db"]) and report["tokenizer"]["num_images"] == 12
+    assert report["real"]["num_images"] == 7 * 12 and report["real"]["split"] == "train"
     printed = capsys.readouterr().out
     assert "Fréchet distance" in printed and "MVAR" in printed
 
@@ -185,8 +218,9 @@ def test_evaluate_command_end_to_end_writes_both_modes(tiny_files, tmp_path, cap
     ("--cfg", "-1", "--cfg"),
     ("--classifier", "/nonexistent.safetensors", "no such file"),
 ])
-def test_evaluate_rejects_bad_arguments(tiny_files, capsys, flag, value, message):
-    argv = ["--tokenizer", str(tiny_files / "tok.safetensors"), "--transformer", str(tiny_files / "tr.safetensors"),
+def test_evaluate_rejects_bad_arguments(tiny_files, image_folder, capsys, flag, value, message):
+    argv = ["--data", str(image_folder), "--tokenizer", str(tiny_files / "tok.safetensors"),
+          "--transformer", str(tiny_files / "tr.safetensors"),
             "--classifier", str(tiny_files / "cls.safetensors"), flag, value]
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -194,12 +228,13 @@ def test_evaluate_rejects_bad_arguments(tiny_files, capsys, flag, value, message
     assert message in capsys.readouterr().err
 
 
-def test_evaluate_rejects_mismatched_models(tiny_files):
-    argv = ["--tokenizer", str(tiny_files / "tr.safetensors"), "--transformer", str(tiny_files / "tr.safetensors"),
+def test_evaluate_rejects_mismatched_models(tiny_files, image_folder):
+    argv = ["--data", str(image_folder), "--tokenizer", str(tiny_files / "tr.safetensors"),
+            "--transformer", str(tiny_files / "tr.safetensors"),
             "--classifier", str(tiny_files / "cls.safetensors")]
     with pytest.raises(SystemExit, match="expected a tokenizer"):
         main(argv)
-    too_many = ["--tokenizer", str(tiny_files / "tok.safetensors"), "--transformer",
+    too_many = ["--data", str(image_folder), "--tokenizer", str(tiny_files / "tok.safetensors"), "--transformer",
                 str(tiny_files / "tr.safetensors"), "--classifier", str(tiny_files / "cls.safetensors"),
                 "--top-k", "33"]
     with pytest.raises(SystemExit, match="top_k"):

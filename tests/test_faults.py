@@ -25,9 +25,9 @@ import torch
 from mvar.checkpoints import save_model
 from train.common import is_collective_failure
 from train.data import file_digest, token_cache
-from train.embedded_data import EmbeddedDataset
 
 from .test_training import REPO, free_port, subprocess_env
+from .tiny_data import make_image_folder
 
 DIST_TIMEOUT = 5  # seconds: the collective timeout of the runs below
 DEADLINE = 60  # seconds: a hard limit on any run; reaching it means something hung
@@ -36,15 +36,17 @@ SLACK = 15  # seconds: process teardown on a loaded 2-core machine
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory, tiny_tokenizer):
-    """A random tiny tokenizer is enough: the runs only need to produce tokens."""
-    path = tmp_path_factory.mktemp("faults") / "tokenizer.safetensors"
-    save_model(path, tiny_tokenizer)
-    return path
+    """A random tiny tokenizer is enough: the runs only need to produce tokens. The runs' data
+    folder sits beside it (``train_args`` finds it there)."""
+    folder = tmp_path_factory.mktemp("faults")
+    make_image_folder(folder / "data")
+    save_model(folder / "tokenizer.safetensors", tiny_tokenizer)
+    return folder / "tokenizer.safetensors"
 
 
 def train_args(run_dir: Path, tokenizer: Path) -> list[str]:
     return ["--run-dir", str(run_dir), "--preset", "tiny", "--mode", "mvar", "--ratio-k", "1",
-            "--tokenizer", str(tokenizer), "--data", "embedded", "--train-size", "64", "--val-size", "16",
+            "--tokenizer", str(tokenizer), "--data", str(tokenizer.parent / "data"),
             "--batch-size", "8", "--steps", "6", "--save-every", "1", "--log-every", "1", "--eval-every", "0",
             "--precision", "fp32", "--num-threads", "1", "--dist-timeout", str(DIST_TIMEOUT)]
 
@@ -231,12 +233,15 @@ class InstantTokenizer:
         return [torch.full((len(images), 1), 5), torch.full((len(images), 4), 7)]
 
 
+FOUR_IMAGES = [(torch.zeros(3, 64, 64), label) for label in range(4)]  # a dataset of 4 (image, label) pairs
+
+
 def test_token_cache_wait_gives_up_when_rank0_never_starts(tmp_path, tiny_tokenizer):
     path = tmp_path / "tok.safetensors"
     save_model(path, tiny_tokenizer)
     started = time.monotonic()
     with pytest.raises(SystemExit, match=r"rank 0 to write the token cache .* never appeared.*limit 0.5 s"):
-        token_cache(tiny_tokenizer, path, EmbeddedDataset("val", size=4), tmp_path / "cache", "val", is_main=False,
+        token_cache(tiny_tokenizer, path, FOUR_IMAGES, tmp_path / "cache", "val", is_main=False,
                     stall_seconds=0.5, poll_seconds=0.05)
     assert time.monotonic() - started < 5
 
@@ -244,7 +249,7 @@ def test_token_cache_wait_gives_up_when_rank0_never_starts(tmp_path, tiny_tokeni
 def test_token_cache_wait_gives_up_on_a_stale_heartbeat_and_a_total_limit(tmp_path, tiny_tokenizer):
     path = tmp_path / "tok.safetensors"
     save_model(path, tiny_tokenizer)
-    data = EmbeddedDataset("val", size=4)
+    data = FOUR_IMAGES
     cache = tmp_path / "cache"
     cache.mkdir()
     name = f"tokens-val-4-{file_digest(path)}.pt"

@@ -30,6 +30,8 @@ from train import train_tokenizer, train_transformer
 from train.common import EMA, DistInfo, RunFolder, batch_indices, check_output_dir, warmup_cosine
 from train.train_transformer import drop_labels, iteration_scales
 
+from .tiny_data import make_image_folder
+
 REPO = Path(__file__).resolve().parent.parent
 NULL_CLASS = 12  # tiny preset: 12 classes, the null class is row 12
 
@@ -260,9 +262,11 @@ def test_run_folder_keeps_newest_and_leaves_no_temp_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer_run(tmp_path_factory):
+    """A tiny tokenizer trained on the tests' image folder, which sits beside it (``data_beside``)."""
     root = tmp_path_factory.mktemp("tokenizer")
     export = root / "tokenizer.safetensors"
-    argv = ["--run-dir", str(root / "run"), "--preset", "tiny", "--data", "embedded", "--train-size", "64",
+    make_image_folder(root / "data")
+    argv = ["--run-dir", str(root / "run"), "--preset", "tiny", "--data", str(root / "data"),
             "--val-size", "16", "--batch-size", "8", "--steps", "6", "--save-every", "3", "--log-every", "2",
             "--reseed-every", "3", "--num-threads", "1", "--export", str(export)]
     with one_thread():
@@ -296,9 +300,13 @@ def test_tokenizer_training_end_to_end(tokenizer_run):
 STEPS = 8
 
 
+def data_beside(tokenizer: Path) -> str:
+    return str(Path(tokenizer).parent / "data")
+
+
 def transformer_argv(run_dir: Path, tokenizer: Path, mode: str, *extra: str) -> list[str]:
     argv = ["--run-dir", str(run_dir), "--preset", "tiny", "--mode", mode, "--tokenizer", str(tokenizer),
-            "--data", "embedded", "--train-size", "64", "--val-size", "16", "--batch-size", "8",
+            "--data", data_beside(tokenizer), "--val-size", "16", "--batch-size", "8",
             "--steps", str(STEPS), "--save-every", "2", "--log-every", "2", "--eval-every", "0",
             "--num-threads", "1", "--export", str(run_dir / "model.safetensors"), *extra]
     if mode == "mvar":
@@ -418,7 +426,7 @@ def test_ddp_two_ranks_match_single_process(tokenizer_run, tmp_path):
     # warm-up) so that the step moves the weights far more than the tolerance; mvar with ratio_k 1 so that step
     # 0 is the joint block and step 1 a windowed scale alone (DDP with unused parameters)
     common = ["--preset", "tiny", "--mode", "mvar", "--ratio-k", "1", "--tokenizer", str(tokenizer_run[1]),
-              "--data", "embedded", "--train-size", "64", "--val-size", "16", "--batch-size", "8", "--steps", "2",
+              "--data", data_beside(tokenizer_run[1]), "--val-size", "16", "--batch-size", "8", "--steps", "2",
               "--save-every", "1", "--log-every", "1", "--eval-every", "0", "--precision", "fp32",
               "--lr", "1e-3", "--warmup", "0", "--num-threads", "1"]
     ddp_dir, single_dir, ranks_dir = tmp_path / "ddp", tmp_path / "single", tmp_path / "ranks"

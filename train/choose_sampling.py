@@ -1,13 +1,13 @@
 """Choose a model's sampling defaults (cfg, top-k, top-p) by measurement, and store them in the file.
 
-    python -m train.choose_sampling --tokenizer assets/tokenizer.safetensors --transformer assets/mvar.safetensors \
-        --mode mvar --per-class 6
+    python -m train.choose_sampling --data /work/runs/emoji64 --tokenizer assets/tokenizer.safetensors \
+        --transformer assets/mvar.safetensors --mode mvar --per-class 6
 
 Every setting of a small grid generates ``per-class`` samples per class; each is scored by the
-shipped classifier (class accuracy) and by the Fréchet distance of its features to held-out real
-images. The winner has the lowest Fréchet distance among the settings within 2 points of the best
-accuracy. The file is rewritten (atomically) with ``sampling_defaults`` and the whole grid in its
-metadata, so the app and ``mvar.sample`` pick them up.
+shipped classifier (class accuracy) and by the Fréchet distance of its features to real
+training images (a class-balanced draw). The winner has the lowest Fréchet distance among the
+settings within 2 points of the best accuracy. The file is rewritten (atomically) with
+``sampling_defaults`` and the whole grid in its metadata, so the app and ``mvar.sample`` pick them up.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mode", choices=["var", "mvar"], required=True, help="the mode the defaults are for")
     parser.add_argument("--classifier", default="assets/classifier.safetensors")
     parser.add_argument("--per-class", type=int, default=6)
-    parser.add_argument("--num-real", type=int, default=1200)
+    parser.add_argument("--data", required=True, help="the ImageNet-layout folder the models were trained on")
+    parser.add_argument("--real-per-class", type=int, default=100, help="training images per class for the "
+                        "real statistics")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     add_device_flag(parser)
@@ -58,7 +60,7 @@ def main(argv=None) -> None:
     transformer = loaded.model
     classifier = load_classifier(args.classifier, device).model
     mode = AttentionMode.var() if args.mode == "var" else AttentionMode.mvar_from_extra(loaded.extra)
-    real = real_statistics(classifier, args.num_real, seed=args.seed)
+    real = real_statistics(classifier, args.data, args.real_per_class, seed=args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     results = []
     for cfg, top_k, top_p in itertools.product(CFGS, TOP_KS, TOP_PS):

@@ -1,16 +1,15 @@
-"""A small CNN that recognises the embedded dataset's classes: the judge of generated samples.
+"""A small CNN that recognises the training set's classes: the judge of generated samples.
 
-    python -m train.classifier --out assets/classifier.safetensors --steps 600 --batch-size 64 --num-threads 1
-    (--device auto | cpu | cuda | cuda:N; default auto: CUDA when present)
+    python -m train.classifier --data /work/runs/emoji64 --out assets/classifier.safetensors --steps 1500
 
-It maps (B, 3, 64, 64) images in [-1, 1] (as ``EmbeddedDataset`` yields them) to logits over the
+It maps (B, 3, 64, 64) images in [-1, 1] (as the training data yields them) to logits over the
 classes, and ``features`` returns its penultimate vector, the feature space of the Fréchet distance
 in ``train/evaluate.py`` (our stand-in for Inception features, which know nothing of these images).
 
-Training draws fresh images every step (the dataset is procedural, so there is no epoch and no
-over-fitting to a fixed set), with a random flip, a small random translation and a mild
-brightness/contrast jitter, and measures accuracy on the held-out "val" split, whose seed stream
-is disjoint from "train".
+Training draws class-balanced batches of the folder's "train" split, with a small random
+translation, blur and brightness/contrast jitter (no flip: the data carries its own mirrored
+copies where a class allows them), and measures accuracy on the held-out "val" split: in the
+emoji set, drawings the classifier never saw.
 
 The file is a safetensors file whose metadata holds ``kind = "classifier"`` and the
 ``ClassifierConfig`` (JSON), so ``load_classifier`` needs nothing but the path.
@@ -37,8 +36,8 @@ from tqdm import tqdm
 from mvar.checkpoints import FORMAT_NAME, FORMAT_VERSION, CheckpointError
 from mvar.devices import device_from_flag, resolve_device
 
-from . import embedded_data
 from .common import warmup_cosine
+from .data import ImageFolderDataset
 
 KIND = "classifier"
 
@@ -47,10 +46,10 @@ KIND = "classifier"
 class ClassifierConfig:
     """Stage widths (the resolution halves between stages), the feature size and the class count."""
 
-    num_classes: int = embedded_data.NUM_CLASSES
+    num_classes: int = 12
     channels: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 128
-    image_size: int = embedded_data.IMAGE_SIZE
+    image_size: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -178,14 +177,11 @@ def load_classifier(path, device: str | torch.device = "cpu") -> LoadedClassifie
 # ---------------------------------------------------------------------------------------------
 
 
-def load_split(split: str, count: int, seed: int = 0, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``start .. start+count-1`` of a split, unflipped: ((N, 3, 64, 64) in [-1, 1], (N,) labels)."""
-    images = torch.empty(count, 3, embedded_data.IMAGE_SIZE, embedded_data.IMAGE_SIZE)
-    labels = torch.empty(count, dtype=torch.long)
-    for i in range(count):
-        image, label = embedded_data.sample(split, start + i, seed)
-        images[i], labels[i] = embedded_data.to_tensor(image), label
-    return images, labels
+def load_split(data: str, split: str, image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A whole split in memory: ((N, 3, S, S) in [-1, 1], (N,) labels, class names)."""
+    dataset = ImageFolderDataset(data, split, image_size)
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), dataset.class_names
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 4, jitter: float = 0.1) -> torch.Tensor:
@@ -238,12 +234,11 @@ class ClassifierTraining:
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.05
-    seed: int = 0  # model init and augmentation
-    data_seed: int = 0  # the embedded dataset's seed (train and val streams are disjoint)
-    val_size: int = 2400
+    data: str = ""  # ImageNet-layout folder (required)
+    seed: int = 0  # model init, batches and augmentation
     eval_every: int = 200  # 0 = only at the end
     num_threads: int = 0  # 0 = torch's default
-    min_accuracy: float = 0.98  # exit with an error below this held-out accuracy (the file is still written)
+    min_accuracy: float = 0.8  # exit with an error below this held-out accuracy (the file is still written)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     card: str = ""  # default: --out with a .json suffix
 
@@ -252,23 +247,28 @@ def parse_args(argv=None) -> ClassifierTraining:
     parser = argparse.ArgumentParser(prog="python -m train.classifier", description=__doc__.split("\n")[0])
     for f in fields(ClassifierTraining):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "out":
-            parser.add_argument(flag, required=True, help="output .safetensors file")
+        if f.name in ("out", "data"):
+            parser.add_argument(flag, required=True, help="output .safetensors file" if f.name == "out"
+                                else "ImageNet-layout folder with train/ and val/")
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     args = ClassifierTraining(**vars(parser.parse_args(argv)))
-    if args.steps < 1 or args.batch_size < 2 or args.val_size < 1:
-        parser.error("--steps >= 1, --batch-size >= 2 and --val-size >= 1 are required")
+    if args.steps < 1 or args.batch_size < 2:
+        parser.error("--steps >= 1 and --batch-size >= 2 are required")
     if args.lr <= 0 or args.warmup < 0 or args.num_threads < 0 or args.eval_every < 0:
         parser.error("--lr must be positive; --warmup, --num-threads and --eval-every non-negative")
     device_from_flag(parser, args.device)
     return args
 
 
-def train_batch(dataset: embedded_data.EmbeddedDataset, step: int, batch_size: int) -> tuple[torch.Tensor, ...]:
-    """Step ``step``'s images: indices step*B .. step*B+B-1, all fresh (classes cycle, so batches are balanced)."""
-    items = [dataset[i] for i in range(step * batch_size, (step + 1) * batch_size)]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+def balanced_batches(labels: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Endless index batches in which every class is equally likely (classes of 120 and 700 images alike)."""
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
+    by_class = [members for members in by_class if len(members)]
+    while True:
+        classes = torch.randint(0, len(by_class), (batch_size,), generator=generator)
+        yield torch.stack([by_class[c][torch.randint(0, len(by_class[c]), (1,), generator=generator)][0]
+                           for c in classes.tolist()])
 
 
 def main(argv=None) -> None:
@@ -279,10 +279,12 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed + 1)
     device = resolve_device(args.device)  # checked by parse_args
-    model = Classifier(ClassifierConfig()).to(device)  # initialised on the CPU: the same weights everywhere
+    train_images, train_labels, class_names = load_split(args.data, "train")
+    val_images, val_labels, _ = load_split(args.data, "val")
+    config = ClassifierConfig(num_classes=len(class_names), image_size=train_images.shape[-1])
+    model = Classifier(config).to(device)  # initialised on the CPU: the same weights everywhere
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    train_set = embedded_data.EmbeddedDataset("train", args.steps * args.batch_size, args.data_seed, flip=True)
-    val_images, val_labels = load_split("val", args.val_size, args.data_seed)
+    batches = balanced_batches(train_labels, args.batch_size, generator)
 
     def evaluate() -> dict:
         report = accuracy_report(predict(model, val_images), val_labels, model.cfg.num_classes)
@@ -293,7 +295,8 @@ def main(argv=None) -> None:
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, args.steps, args.warmup, args.lr, final_ratio=0.02)
-        images, labels = train_batch(train_set, step, args.batch_size)
+        chosen = next(batches)
+        images, labels = train_images[chosen], train_labels[chosen]
         model.train()
         loss = F.cross_entropy(model(augment(images, generator).to(device)), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -319,14 +322,15 @@ def main(argv=None) -> None:
         "batch_size": args.batch_size,
         "train_images_seen": args.steps * args.batch_size,
         "seed": args.seed,
-        "data_seed": args.data_seed,
+        "data": Path(args.data).name,
+        "train_images": len(train_labels),
         "num_threads": torch.get_num_threads(),
         "device": str(device),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "val_split": "val",
-        "val_images": args.val_size,
+        "val_images": len(val_labels),
         "val_accuracy": round(report["accuracy"], 5),
-        "val_accuracy_per_class": dict(zip(embedded_data.CLASS_NAMES,
+        "val_accuracy_per_class": dict(zip(class_names,
                                            [round(a, 4) for a in report["per_class"]], strict=True)),
         "parameters": model.num_parameters(),
         "feature_dim": model.cfg.feature_dim,
@@ -334,12 +338,12 @@ def main(argv=None) -> None:
         "config": asdict(model.cfg),
         "torch": torch.__version__,
     }
-    save_classifier(args.out, model, extra={"class_names": list(embedded_data.CLASS_NAMES), "card": card})
+    save_classifier(args.out, model, extra={"class_names": class_names, "card": card})
     card["file_bytes"] = Path(args.out).stat().st_size
     card_path = Path(args.card or Path(args.out).with_suffix(".json"))
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {args.out} ({card['file_bytes'] / 1e6:.2f} MB) and {card_path}: held-out accuracy "
-          f"{report['accuracy']:.4f} on {args.val_size} val images, {card['wall_seconds']:.0f} s")
+          f"{report['accuracy']:.4f} on {len(val_labels)} val images, {card['wall_seconds']:.0f} s")
     if report["accuracy"] < args.min_accuracy:
         raise SystemExit(f"error: held-out accuracy {report['accuracy']:.4f} is below --min-accuracy "
                          f"{args.min_accuracy}; train longer")

@@ -1,11 +1,10 @@
-"""Training data: the embedded dataset or ImageNet-layout folders, and the token cache.
+"""Training data: ImageNet-layout folders, and the token cache.
 
-``--data embedded`` draws the project's own dataset (``embedded_data.py``); any other value is
-a folder in ImageNet layout, ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*``, whose
-class names come from the folder names or from ``root/class_names.json`` (a list, or a mapping
-from folder name to readable name). A folder whose ``root/dataset.json`` says ``"random_flip": false``
-carries its own mirrored copies where its classes allow them (a mirrored clock is no clock), so
-the loader adds none.
+``--data DIR`` is a folder in ImageNet layout, ``DIR/train/<class>/*.JPEG`` and ``DIR/val/<class>/*``
+(the default models' emoji set is one: ``python -m train.build_emoji_dataset``). Class names come
+from the folder names or from ``DIR/class_names.json`` (a list, or a mapping from folder name to
+readable name). A folder whose ``DIR/dataset.json`` says ``"random_flip": false`` carries its own
+mirrored copies where its classes allow them (a mirrored clock is no clock), so the loader adds none.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-from . import embedded_data
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
 
@@ -56,7 +53,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         array = np.asarray(image)
         if self.flip and (hash((self.seed, index)) & 1):
             array = array[:, ::-1]
-        return embedded_data.to_tensor(np.ascontiguousarray(array)), label
+        return to_tensor(array), label
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1] (the range the tokenizer trains on)."""
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
@@ -83,16 +85,34 @@ def read_class_names(root: Path, folders: list[str]) -> list[str]:
     return [str(mapping.get(folder, folder)) for folder in folders]
 
 
-def build_dataset(data: str, split: str, image_size: int, size: int, seed: int, flip: bool):
-    """(dataset, class names) for ``--data embedded`` or an ImageNet-layout folder."""
-    if data == "embedded":
-        if image_size != embedded_data.IMAGE_SIZE:
-            raise SystemExit(f"error: the embedded dataset is {embedded_data.IMAGE_SIZE} px, "
-                             f"the tokenizer expects {image_size} px")
-        dataset = embedded_data.EmbeddedDataset(split=split, size=size, seed=seed, flip=flip)
-        return dataset, list(embedded_data.CLASS_NAMES)
+def build_dataset(data: str, split: str, image_size: int, flip: bool = False, seed: int = 0):
+    """(dataset, class names) of an ImageNet-layout folder's split."""
+    if not data:
+        raise SystemExit("error: --data DIR is required: an ImageNet-layout folder (the default models' emoji set "
+                         "is built by python -m train.build_emoji_dataset)")
     dataset = ImageFolderDataset(data, split, image_size, flip=flip, seed=seed)
     return dataset, dataset.class_names
+
+
+def balanced_images(dataset: ImageFolderDataset, per_class: int, seed: int = 0,
+                    skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` images of every class (fewer where a class has fewer), drawn in a fixed shuffled
+    order after skipping the first ``skip`` of each class: ((N, 3, H, W) in [-1, 1], (N,) labels).
+
+    Two calls with skips that do not overlap give disjoint draws (a real-against-real baseline).
+    """
+    generator = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(dataset.items):
+        by_class.setdefault(label, []).append(index)
+    chosen = []
+    for label in sorted(by_class):
+        order = generator.permutation(by_class[label])
+        chosen.extend(order[skip:skip + per_class].tolist())
+    if not chosen:
+        raise ValueError(f"no images left after skipping {skip} per class")
+    items = [dataset[i] for i in chosen]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 def file_digest(path) -> str:

@@ -1,7 +1,8 @@
-"""Measure sample quality on the embedded dataset: VAR and MVAR attention, side by side, in one run.
+"""Measure sample quality against real images: VAR and MVAR attention, side by side, in one run.
 
-    python -m train.evaluate --tokenizer assets/tokenizer.safetensors --transformer assets/transformer.safetensors \\
-        --classifier assets/classifier.safetensors --per-class 20 --cfg 1.5 --seed 0 --out report.json
+    python -m train.evaluate --data /work/runs/emoji64 --tokenizer assets/tokenizer.safetensors \\
+        --transformer assets/mvar.safetensors --var-transformer assets/var.safetensors \\
+        --classifier assets/classifier.safetensors --per-class 20 --seed 0 --out report.json
 
 For each mode it generates ``--per-class`` samples of every class (sample i gets seed ``--seed + i``
 in both modes, so the two modes are compared on the same random numbers) and reports
@@ -9,15 +10,17 @@ in both modes, so the two modes are compared on the same random numbers) and rep
 * class accuracy: how often the classifier (``train/classifier.py``) recognises the requested class,
   overall and per class, and the mean probability it gives the requested class;
 * Fréchet distance between Gaussians fitted to the classifier's penultimate features of the samples
-  and of held-out real images (the val split): FID's formula in a feature space that knows these
-  images (Inception features know nothing of them);
+  and of real images (a class-balanced draw of the "train" split, the distribution the models
+  learned; as FID uses ImageNet's train statistics): FID's formula in a feature space that knows
+  these images (Inception features know nothing of them);
 * generation wall time.
 
-Once per run it also reports the tokenizer's reconstruction PSNR on held-out images and the class
-accuracy of those reconstructions (the ceiling any generator can reach through this tokenizer), and
-a "real" reference row: the same metrics for as many held-out real images as samples were generated,
-disjoint from the ones the statistics come from. The Fréchet distance is biased upwards for small
-sample counts, so compare a model's number with this reference row at the same count, not with zero.
+Once per run it also reports the tokenizer's reconstruction PSNR on the held-out "val" split and
+the class accuracy of those reconstructions (the ceiling any generator can reach through this
+tokenizer), and a "real" reference row: the same metrics for as many real images as samples were
+generated, disjoint from the ones the statistics come from (real against real). The Fréchet
+distance is biased upwards for small sample counts, so compare a model's number with this
+reference row at the same count, not with zero.
 
 The pieces (``classifier_features``, ``gaussian_stats``, ``frechet_distance``, ``real_statistics``,
 ``evaluate_model``) are plain functions for other code, e.g. to choose sampling defaults by measurement.
@@ -42,8 +45,8 @@ from mvar.sampling import SamplingConfig, generate
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
 
-from . import embedded_data
-from .classifier import Classifier, load_classifier, load_split
+from .classifier import Classifier, load_classifier
+from .data import ImageFolderDataset, balanced_images
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: CUDA only (check_args)
 
@@ -140,11 +143,16 @@ def stats_distance(a: FeatureStats, b: FeatureStats) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def real_statistics(classifier: Classifier, count: int, seed: int = 0, start: int = 0,
+def real_statistics(classifier: Classifier, data: str, per_class: int, seed: int = 0, skip: int = 0,
                     batch_size: int = 256) -> FeatureStats:
-    """Feature statistics of val images ``start .. start+count-1`` (a balanced class mix)."""
-    images, _ = load_split("val", count, seed, start)
+    """Feature statistics of ``per_class`` training images of every class (see ``balanced_images``)."""
+    images, _ = balanced_images(ImageFolderDataset(data, "train", classifier.cfg.image_size), per_class, seed, skip)
     return gaussian_stats(classifier_features(classifier, images, batch_size)[0])
+
+
+def smallest_class(data: str, split: str = "train") -> int:
+    dataset = ImageFolderDataset(data, split, 64)
+    return min(sum(1 for _, label in dataset.items if label == c) for c in range(len(dataset.class_names)))
 
 
 @torch.no_grad()
@@ -248,10 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine-step", type=int, default=None, help="MVAR: first windowed scale "
                                                                       "(default: the file's, else 8)")
     parser.add_argument("--kernel-size", type=int, default=None, help="MVAR: window side (default: the file's, else 7)")
-    parser.add_argument("--num-real", type=int, default=0, help="held-out images for the real statistics "
-                                                                "(0 = max(1000, per-class x classes))")
-    parser.add_argument("--psnr-images", type=int, default=256, help="held-out images for the tokenizer PSNR")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the embedded dataset")
+    parser.add_argument("--data", required=True, help="the ImageNet-layout folder the models were trained on")
+    parser.add_argument("--real-per-class", type=int, default=0, help="training images per class for the real "
+                        "statistics (0 = all the smallest class has beside the reference draw)")
+    parser.add_argument("--psnr-images", type=int, default=512, help="held-out images for the tokenizer PSNR")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the class-balanced real draws")
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--out", default="", help="write the report here as JSON")
@@ -269,8 +278,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
-    if args.num_real < 0 or args.num_real == 1:
-        parser.error(f"--num-real must be 0 (auto) or at least 2, got {args.num_real}")
+    if args.real_per_class < 0:
+        parser.error(f"--real-per-class must be 0 (auto) or positive, got {args.real_per_class}")
+    if not Path(args.data, "train").is_dir() or not Path(args.data, "val").is_dir():
+        parser.error(f"--data {args.data}: expected an ImageNet-layout folder with train/ and val/")
     if args.psnr_images < 1 or args.batch_size < 1 or args.num_threads < 0 or args.data_seed < 0:
         parser.error("--psnr-images and --batch-size must be >= 1, --num-threads and --data-seed >= 0")
     for flag in ("tokenizer", "transformer", "var_transformer", "classifier"):
@@ -332,18 +343,24 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         raise ValueError(f"the classifier knows {classifier.cfg.num_classes} classes, "
                          f"the transformer generates {num_classes}")
     sampling = SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p).validate(mvar_file.model.cfg.vocab_size)
-    names = mvar_file.extra.get("class_names") or list(embedded_data.CLASS_NAMES)
+    names = mvar_file.extra.get("class_names") or ImageFolderDataset(args.data, "train", 64).class_names
     if len(names) != num_classes:
-        names = [str(c) for c in range(num_classes)]
+        raise ValueError(f"the transformer generates {num_classes} classes, {args.data} holds {len(names)}")
 
-    num_real = args.num_real or max(1000, args.per_class * num_classes)
-    real = real_statistics(classifier, num_real, args.data_seed)
+    # real statistics and the real-against-real reference are disjoint class-balanced draws of train
+    real_per_class = args.real_per_class or smallest_class(args.data) - args.per_class
+    if real_per_class < 2:
+        raise ValueError(f"the smallest class has too few training images for {args.per_class} per class "
+                         "plus real statistics; lower --per-class")
+    real = real_statistics(classifier, args.data, real_per_class, args.data_seed, skip=args.per_class)
     # The tokenizer's ceiling: how faithful its reconstructions are, and whether the judge still knows them.
-    originals, original_labels = load_split("val", args.psnr_images, args.data_seed)
+    val = ImageFolderDataset(args.data, "val", tokenizer.cfg.image_size)
+    originals, original_labels = balanced_images(val, max(1, args.psnr_images // num_classes), args.data_seed)
     reconstructions = reconstruct(tokenizer, originals)
     _, recon_logits = classifier_features(classifier, reconstructions)
     tokenizer_report = {
-        "path": args.tokenizer, "num_images": args.psnr_images, "psnr_db": round(psnr(reconstructions, originals), 3),
+        "path": args.tokenizer, "num_images": len(original_labels),
+        "psnr_db": round(psnr(reconstructions, originals), 3),
         "classifier_accuracy_on_reconstructions": round(float((recon_logits.argmax(1) == original_labels)
                                                               .float().mean()), 4),
     }
@@ -357,7 +374,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     # The same metrics for held-out real images that the statistics did not use: the floor to compare with.
     count = args.per_class * num_classes
-    ref_images, ref_labels = load_split("val", count, args.data_seed, start=num_real)
+    ref_images, ref_labels = balanced_images(ImageFolderDataset(args.data, "train", tokenizer.cfg.image_size),
+                                             args.per_class, args.data_seed)
     reference = score_images(classifier, ref_images, ref_labels, real, names, unit_range=False)
 
     return {
@@ -368,7 +386,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "classifier": {"path": args.classifier, "feature_dim": classifier.cfg.feature_dim},
         "class_names": names,
         "num_samples_per_mode": count,
-        "real": {"split": "val", "data_seed": args.data_seed, "num_images": num_real},
+        "real": {"split": "train", "data": args.data, "data_seed": args.data_seed,
+                 "num_images": real_per_class * num_classes, "per_class": real_per_class},
         "tokenizer": tokenizer_report,
         "modes": modes,
         "real_reference": reference,

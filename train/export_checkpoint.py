@@ -9,6 +9,7 @@ many the weights were taken, and the validation figures are measured on the expo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from mvar.checkpoints import load_any
@@ -28,15 +29,15 @@ def main(argv=None) -> None:
     state = RunFolder(args.run_dir).load_latest()
     if state is None:
         raise SystemExit(f"error: no readable checkpoint in {args.run_dir}")
-    run_args = TransformerTraining(**state["args"])
+    known = {f.name for f in dataclasses.fields(TransformerTraining)}  # runs of older versions carry more fields
+    run_args = TransformerTraining(**{k: v for k, v in state["args"].items() if k in known})
     tokenizer = load_any(run_args.tokenizer, "tokenizer").model.eval().requires_grad_(False)
     model = ScaleTransformer(get_preset(run_args.preset).transformer)
     model.load_state_dict(state["model"])
     if run_args.ema > 0 and state.get("ema"):
         load_averages(model, state["ema"])
     model.eval()
-    val_set, class_names = build_dataset(run_args.data, "val", tokenizer.cfg.image_size, run_args.val_size,
-                                         run_args.seed, flip=False)
+    val_set, class_names = build_dataset(run_args.data, "val", tokenizer.cfg.image_size)
     cache_dir = Path(run_args.cache_dir) if run_args.cache_dir else Path(args.run_dir) / "token-cache"
     val_tokens, val_labels = token_cache(tokenizer, run_args.tokenizer, val_set, cache_dir, "val")
     mode = attention_mode(run_args)

@@ -53,8 +53,7 @@ from .data import build_dataset
 class TokenizerTraining:
     run_dir: str
     preset: str = "small"
-    data: str = "embedded"
-    train_size: int = 50_000  # embedded dataset only
+    data: str = ""  # ImageNet-layout folder (required): DIR/train/<class>/*, DIR/val/<class>/*
     val_size: int = 512
     steps: int = 3000
     batch_size: int = 32  # global, over all ranks
@@ -169,9 +168,8 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     scaler = loss_scaler(info.device, args.precision)
-    train_set, class_names = build_dataset(args.data, "train", preset.tokenizer.image_size, args.train_size,
-                                           args.seed, flip=True)
-    val_set, _ = build_dataset(args.data, "val", preset.tokenizer.image_size, args.val_size, args.seed, flip=False)
+    train_set, class_names = build_dataset(args.data, "train", preset.tokenizer.image_size, flip=True, seed=args.seed)
+    val_set, _ = build_dataset(args.data, "val", preset.tokenizer.image_size)
     usage = CodeUsage(preset.tokenizer.vocab_size)
     reseed_generator = torch.Generator().manual_seed(args.seed + 17)
     step, wall_seconds, reseeded_total = 0, 0.0, 0

@@ -127,8 +127,7 @@ class TransformerTraining:
     preset: str = "small"
     mode: str = "var"  # var | mvar
     init_from: str = ""  # start from these weights (e.g. MVAR fine-tuned from a VAR model)
-    data: str = "embedded"
-    train_size: int = 50_000
+    data: str = ""  # ImageNet-layout folder (required): DIR/train/<class>/*, DIR/val/<class>/*
     val_size: int = 1024
     refine_step: int = 8
     kernel_size: int = 7
@@ -348,9 +347,8 @@ def main(argv=None) -> None:
     if tokenizer.cfg.patch_nums != config.patch_nums or tokenizer.cfg.vocab_size != config.vocab_size:
         raise SystemExit("error: the tokenizer's schedule/vocabulary does not match the transformer preset")
 
-    train_set, class_names = build_dataset(args.data, "train", tokenizer.cfg.image_size, args.train_size,
-                                           args.seed, flip=True)
-    val_set, _ = build_dataset(args.data, "val", tokenizer.cfg.image_size, args.val_size, args.seed, flip=False)
+    train_set, class_names = build_dataset(args.data, "train", tokenizer.cfg.image_size, flip=True, seed=args.seed)
+    val_set, _ = build_dataset(args.data, "val", tokenizer.cfg.image_size)
     cache_dir = Path(args.cache_dir) if args.cache_dir else run.path / "token-cache"
     train_tokens, train_labels = token_cache(tokenizer, args.tokenizer, train_set, cache_dir, "train",
                                              is_main=info.is_main, stall_seconds=args.dist_timeout)
