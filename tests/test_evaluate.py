@@ -193,7 +193,7 @@ def test_evaluate_command_end_to_end_writes_both_modes(tiny_files, image_folder,
     main(["--data", str(image_folder), "--tokenizer", str(tiny_files / "tok.safetensors"),
           "--transformer", str(tiny_files / "tr.safetensors"),
           "--classifier", str(tiny_files / "cls.safetensors"), "--per-class", "1", "--cfg", "1.0", "--top-k", "8",
-          "--top-p", "0.9", "--psnr-images", "12", "--batch-size", "12", "--out", str(out)])
+          "--top-p", "0.9", "--psnr-images", "12", "--batch-size", "12", "--out", str(out), "--cards"])
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"VAR", "MVAR"}
     assert report["modes"]["MVAR"]["attention"]["refine_step"] == 7  # taken from the transformer file
@@ -210,6 +210,9 @@ def test_evaluate_command_end_to_end_writes_both_modes(tiny_files, image_folder,
     assert report["real"]["num_images"] == 7 * 12 and report["real"]["split"] == "train"
     printed = capsys.readouterr().out
     assert "Fréchet distance" in printed and "MVAR" in printed
+    card = json.loads((tiny_files / "tr.json").read_text())["evaluation"]  # one file ran both modes: MVAR's last
+    assert card["accuracy"] == report["modes"]["MVAR"]["accuracy"] and card["mode"] == "MVAR"
+    assert card["real_reference"]["frechet_distance"] == report["real_reference"]["frechet_distance"]
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [

@@ -41,6 +41,7 @@ import torch
 from mvar.checkpoints import CheckpointError, load_model
 from mvar.config import AttentionMode
 from mvar.devices import add_device_flag, resolve_device
+from mvar.files import atomic_write_bytes
 from mvar.sampling import SamplingConfig, generate
 from mvar.tokenizer import MultiScaleVQVAE
 from mvar.transformer import ScaleTransformer
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     parser.add_argument("--num-threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--out", default="", help="write the report here as JSON")
+    parser.add_argument("--cards", action="store_true", help="also write each model's result into its card "
+                        "(the .json beside its .safetensors) under 'evaluation'")
     add_device_flag(parser)
     return parser
 
@@ -394,6 +397,25 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     }
 
 
+def write_cards(report: dict, args: argparse.Namespace) -> None:
+    """Each model's result, the real reference and the tokenizer's ceiling into the model's card."""
+    files = {"MVAR": args.transformer, "VAR": args.var_transformer or args.transformer}
+    for mode, path in files.items():
+        card_path = Path(path).with_suffix(".json")
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        result = report["modes"][mode]
+        card["evaluation"] = {
+            "command": report["command"], "mode": mode, "settings": report["settings"],
+            "accuracy": result["accuracy"], "per_class_accuracy": result["per_class_accuracy"],
+            "frechet_distance": result["frechet_distance"],
+            "real_reference": {k: report["real_reference"][k] for k in ("accuracy", "frechet_distance")},
+            "real_statistics": report["real"], "tokenizer": report["tokenizer"],
+            "classifier": report["classifier"]["path"],
+        }
+        atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
+        print(f"wrote the {mode} result into {card_path}")
+
+
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -410,6 +432,8 @@ def main(argv=None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
+    if args.cards:
+        write_cards(report, args)
     return report
 
 
