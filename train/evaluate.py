@@ -398,22 +398,22 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 def write_cards(report: dict, args: argparse.Namespace) -> None:
-    """Each model's result, the real reference and the tokenizer's ceiling into the model's card."""
+    """Into each model's card, under ``evaluation``: its result per mode it ran in, the real reference
+    (real against real at the same count), the tokenizer's ceiling and the settings."""
     files = {"MVAR": args.transformer, "VAR": args.var_transformer or args.transformer}
-    for mode, path in files.items():
+    for path in dict.fromkeys(files.values()):
         card_path = Path(path).with_suffix(".json")
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        result = report["modes"][mode]
         card["evaluation"] = {
-            "command": report["command"], "mode": mode, "settings": report["settings"],
-            "accuracy": result["accuracy"], "per_class_accuracy": result["per_class_accuracy"],
-            "frechet_distance": result["frechet_distance"],
+            "command": report["command"], "settings": report["settings"],
+            "classifier": report["classifier"]["path"], "tokenizer": report["tokenizer"],
+            "real_statistics": report["real"],
             "real_reference": {k: report["real_reference"][k] for k in ("accuracy", "frechet_distance")},
-            "real_statistics": report["real"], "tokenizer": report["tokenizer"],
-            "classifier": report["classifier"]["path"],
+            **{mode: {k: report["modes"][mode][k] for k in ("accuracy", "per_class_accuracy", "frechet_distance")}
+               for mode, file in files.items() if file == path},
         }
         atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
-        print(f"wrote the {mode} result into {card_path}")
+        print(f"wrote the evaluation into {card_path}")
 
 
 def main(argv=None) -> dict:
