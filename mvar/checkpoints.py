@@ -2,22 +2,22 @@
 
 Our format is a safetensors file whose metadata holds the model kind and its config (JSON),
 plus free-form ``extra`` JSON (class names, sampling defaults, a model card), so a file loads
-without knowing its config. Official ``.pth`` files are read with ``torch.load(weights_only=True)``,
-which refuses pickles that would run code.
+without knowing its config. Official ``.pth`` files are read by :mod:`mvar.inert_pickle`, which never runs,
+imports or changes anything on a file's behalf.
 
-Every error is a :class:`CheckpointError` (a ``ValueError``) that names the file and the problem.
+Every error is a :class:`CheckpointError` (a ``ValueError``) that names the file and the problem; it quotes a
+value from the file in at most about 80 characters. A config from a file (our metadata, an official file's
+``config`` / ``args``, its tensor shapes) is checked against :data:`mvar.config.LIMITS` before any tensor is
+allocated.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
-import os
-import pickle
 import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,13 +28,24 @@ from safetensors.torch import save_file
 from . import checks
 from .attention import block_causal_mask, block_diagonal_mask
 from .config import (
+    LIMITS,
     OFFICIAL_TOKENIZER,
     AttentionMode,
     TokenizerConfig,
     TransformerConfig,
+    check_patch_nums,
     get_preset,
 )
-from .inert_pickle import load_without_code, plain_data
+from .files import atomic_write
+from .inert_pickle import (
+    DataTooLarge,
+    FileDamaged,
+    FileRefused,
+    load_without_code,
+    plain_data,
+    quote,
+    short_error,
+)
 from .schedule import OFFICIAL_PATCH_NUMS, ScaleSchedule
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
@@ -77,8 +88,14 @@ def official_name_of(path) -> str | None:
 
 class CheckpointError(ValueError):
     def __init__(self, path, problem: str):
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{_shown_path(path)}: {problem}")
         self.path, self.problem = str(path), problem
+
+
+def _shown_path(path, limit: int = 160) -> str:
+    """The path for a message: whole unless absurdly long, then its start and its end (the file name)."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:40]}...{text[-(limit - 43):]}"
 
 
 @dataclass
@@ -102,20 +119,6 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_model(path, model: MultiScaleVQVAE | ScaleTransformer, extra: dict | None = None,
                dtype: torch.dtype | None = None) -> None:
     """Save a tokenizer or transformer in our safetensors format (optionally cast floats to ``dtype``)."""
@@ -133,7 +136,7 @@ def save_model(path, model: MultiScaleVQVAE | ScaleTransformer, extra: dict | No
         "config": model.cfg.to_json(),
         "extra": json.dumps(extra or {}),
     }
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _kind_of(model) -> str:
@@ -152,13 +155,35 @@ def read_metadata(path) -> dict:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(path, f"not a readable safetensors file (truncated or corrupt?): {err}") from None
+        raise CheckpointError(path, "not a readable safetensors file (truncated or corrupt?): "
+                                    f"{short_error(err)}") from None
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(path, "safetensors file without MVAR Studio metadata (format/kind/config)")
+    if "config" not in meta:
+        raise CheckpointError(path, "metadata is damaged: it has no 'config'")
+    parsed = {name: _json_field(path, name, meta.get(name, "{}")) for name in ("config", "extra")}
+    if not isinstance(parsed["extra"], dict):
+        raise CheckpointError(path, "metadata 'extra' is not a JSON object")
+    return {**meta, **parsed}
+
+
+def _json_field(path, name: str, text: str):
+    """One JSON entry of our metadata, nested at most LIMITS["nesting"] levels."""
+    limit = LIMITS["nesting"]
     try:
-        return {**meta, "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(path, f"metadata is damaged: {err}") from None
+        value = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(path, f"metadata {name!r} is nested deeper than {limit} levels") from None
+    except ValueError as err:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise CheckpointError(path, f"metadata is damaged: {name!r} is not valid JSON ({short_error(err)})") from None
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                raise CheckpointError(path, f"metadata {name!r} is nested deeper than {limit} levels")
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 def _check_kind(name: str, kind, optional: bool = False) -> None:
@@ -179,28 +204,59 @@ def load_model(path, device: str | torch.device = "cpu", expect: str | None = No
     meta = read_metadata(path)
     kind = meta.get("kind")
     if kind not in MODEL_KINDS:
-        raise CheckpointError(path, f"unknown model kind {checks.shown(kind)}")
+        raise CheckpointError(path, f"unknown model kind {quote(kind)}")
     if expect is not None and kind != expect:
         raise CheckpointError(path, f"expected a {expect} file, found a {kind} file")
     try:
         config = (TokenizerConfig if kind == "tokenizer" else TransformerConfig).from_dict(meta["config"])
     except (TypeError, ValueError) as err:
-        raise CheckpointError(path, f"config in metadata is invalid: {err}") from None
+        raise CheckpointError(path, f"config in metadata is invalid: {short_error(err)}") from None
+    saved = meta["extra"].get("attention")
+    if isinstance(saved, dict):  # MVAR's kernel_size / refine_step as trained, checked like our own flags
+        _check_attention(path, "extra.attention", saved)
+    _check_model_size(path, config)
     try:
         with safe_open(str(path), framework="pt") as handle:
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(path, f"tensor data unreadable (truncated or corrupt?): {err}") from None
+        raise CheckpointError(path, f"tensor data unreadable (truncated or corrupt?): {short_error(err)}") from None
     model = MultiScaleVQVAE.empty(config) if kind == "tokenizer" else ScaleTransformer.empty(config)
     _load_strict(path, model, state)
     return LoadedModel(kind, model.to(device).eval(), config, meta["extra"], str(path))
 
 
 def _check_exists(path: Path) -> None:
-    if not path.exists():
+    try:
+        exists, regular = path.exists(), path.is_file()
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+        raise CheckpointError(path, f"file not found ({short_error(err, 80)})") from None
+    if not exists:
         raise CheckpointError(path, "file not found")
-    if not path.is_file():
+    if not regular:
         raise CheckpointError(path, "not a regular file")
+
+
+def _check_model_size(path, config: TokenizerConfig | TransformerConfig) -> None:
+    """Refuse a config whose model would hold more than LIMITS["model_elements"] weights and buffers, counted on
+    the meta device (nothing is allocated). Each field is already within its own bound; this bounds them
+    together (a width and a vocabulary that are each fine can still multiply to terabytes)."""
+    with torch.device("meta"):
+        probe = MultiScaleVQVAE(config) if isinstance(config, TokenizerConfig) else ScaleTransformer(
+            config, initialize=False)
+    elements = sum(t.numel() for t in itertools.chain(probe.parameters(), probe.buffers()))
+    if elements > LIMITS["model_elements"]:
+        raise CheckpointError(path, f"its config describes a model of {elements:,} weights; at most "
+                                    f"{LIMITS['model_elements']:,} are loaded")
+
+
+def _check_attention(path, where: str, saved: dict) -> dict:
+    """MVAR's kernel_size / refine_step as a file states them, checked like our own flags."""
+    saved = {name: saved[name] for name in ("refine_step", "kernel_size") if saved.get(name) is not None}
+    try:
+        AttentionMode.mvar(**saved)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path, f"{where}: {short_error(err)}") from None
+    return saved
 
 
 def _load_strict(path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -216,7 +272,7 @@ def _load_strict(path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -
     for name in sorted(set(expected) & set(state)):
         want, got = expected[name], state[name]
         if tuple(want.shape) != tuple(got.shape):
-            problems.append(f"{name}: expected shape {tuple(want.shape)}, found {tuple(got.shape)}")
+            problems.append(f"{name}: expected shape {tuple(want.shape)}, found {quote(tuple(got.shape))}")
         elif want.is_floating_point() and got.dtype not in FLOAT_DTYPES:
             problems.append(f"{name}: expected a floating-point tensor, found {got.dtype}")
         elif got.is_floating_point() and not torch.isfinite(got).all():
@@ -230,8 +286,13 @@ def _load_strict(path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -
 
 
 def _preview(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
+    shown = ", ".join(_name(name) for name in names[:limit])
     return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} in all)"
+
+
+def _name(key) -> str:
+    """A key from a file as a message shows it: a short string as it is, anything else quoted short."""
+    return key if isinstance(key, str) and len(key) <= 60 and key.isprintable() else quote(key, 60)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,22 +343,27 @@ def read_official_file(path, kind: str | None = None) -> OfficialFile:
     _check_exists(path)
     try:
         obj = load_without_code(path)
-    except pickle.UnpicklingError as err:
+    except FileRefused as err:
         raise CheckpointError(
-            path, f"refused: the file needs to execute code to load (not a plain weights file): {err}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, AttributeError) as err:
-        raise CheckpointError(path, f"cannot be read, truncated or corrupt: {err}") from None
+            path, "refused: loading it would execute code or change this program (not a plain weights file): "
+                  f"{short_error(err)}") from None
+    except (FileDamaged, RuntimeError, OSError) as err:
+        raise CheckpointError(path, f"cannot be read, truncated or corrupt: {short_error(err)}") from None
     state, layout = _find_state_dict(path, obj, kind)
     trainer = obj.get("trainer") if isinstance(obj, dict) else None
-    config = plain_data(trainer.get("config")) if isinstance(trainer, dict) else None
-    args = plain_data(obj.get("args")) if isinstance(obj, dict) else None
+    try:
+        config = plain_data(trainer.get("config"), "trainer.config", LIMITS["nesting"]) \
+            if isinstance(trainer, dict) else None
+        args = plain_data(obj.get("args"), "args", LIMITS["nesting"]) if isinstance(obj, dict) else None
+    except DataTooLarge as err:
+        raise CheckpointError(path, str(err)) from None
     return OfficialFile(_strip_prefixes(state), layout, config if isinstance(config, dict) else {},
                         args if isinstance(args, dict) else {})
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                       for k, v in obj.items())
 
 
 def _find_state_dict(path, obj, kind: str | None) -> tuple[dict, str]:
@@ -311,7 +377,8 @@ def _find_state_dict(path, obj, kind: str | None) -> tuple[dict, str]:
             for holder, prefix in places:
                 if _is_state_dict(holder.get(name)):
                     return holder[name], prefix + name
-    found = f"top-level entries {_preview(sorted(map(str, obj)))}" if isinstance(obj, dict) else type(obj).__name__
+    found = f"top-level entries {_preview(sorted(_name(k) for k in obj))}" if isinstance(obj, dict) \
+        else type(obj).__name__
     expected = " or ".join(f"'{n}'" for n in names)
     raise CheckpointError(path, f"does not hold a {kind or 'model'} state dict (a mapping of names to tensors): "
                                 f"found {found}; expected a plain state dict, or one under {expected} "
@@ -348,8 +415,9 @@ def infer_transformer_config(state: dict[str, torch.Tensor], path="<state dict>"
         vocab = state["head.weight"].shape[0]
         total = state["pos_1LC"].shape[1]
         hidden = state["blocks.0.ffn.fc1.weight"].shape[0]
-    except (KeyError, ValueError, IndexError) as err:
-        raise CheckpointError(path, f"not a VAR/MVAR transformer state dict (cannot read {err})") from None
+    except (KeyError, ValueError, IndexError, TypeError) as err:
+        raise CheckpointError(path, f"not a VAR/MVAR transformer state dict (cannot read {short_error(err, 80)})"
+                              ) from None
     schedule = ScaleSchedule(patch_nums or OFFICIAL_PATCH_NUMS)
     if total != schedule.total_tokens:
         if patch_nums:
@@ -357,9 +425,12 @@ def infer_transformer_config(state: dict[str, torch.Tensor], path="<state dict>"
                                         f"positions, but its position table pos_1LC has {total}")
         raise CheckpointError(path, f"has {total} positions; only the official 10-scale schedule (680) "
                                     "can be inferred, name a preset for others")
-    return TransformerConfig(depth=depth, width=width, num_heads=heads, mlp_ratio=hidden / width,
-                             num_classes=num_classes, vocab_size=vocab, latent_channels=latent,
-                             patch_nums=schedule.patch_nums, drop_path_rate=0.1 * depth / 24)
+    try:
+        return TransformerConfig(depth=depth, width=width, num_heads=heads, mlp_ratio=hidden / max(width, 1),
+                                 num_classes=num_classes, vocab_size=vocab, latent_channels=latent,
+                                 patch_nums=schedule.patch_nums, drop_path_rate=min(1.0, 0.1 * depth / 24))
+    except ValueError as err:
+        raise CheckpointError(path, f"the tensor shapes give an invalid config: {short_error(err)}") from None
 
 
 # The two training masks an official transformer file may carry, by the mode that trains with them.
@@ -374,7 +445,7 @@ def training_mask_of(state: dict[str, torch.Tensor], patch_nums: tuple[int, ...]
         return None
     total = ScaleSchedule(patch_nums).total_tokens
     if mask.numel() != total * total:
-        raise CheckpointError(path, f"buffer attn_bias_for_masking has shape {tuple(mask.shape)}; expected "
+        raise CheckpointError(path, f"buffer attn_bias_for_masking has shape {quote(tuple(mask.shape))}; expected "
                                     f"(1, 1, {total}, {total}) for the schedule {tuple(patch_nums)}")
     allowed = mask.reshape(total, total) == 0
     for name, build in TRAINING_MASKS.items():
@@ -402,7 +473,8 @@ def transformer_from_official(state: dict[str, torch.Tensor], config: Transforme
     state.pop("attn_bias_for_masking", None)
     for name in [k for k in state if k.endswith(ZERO_K_BIAS)]:
         if torch.count_nonzero(state.pop(name)):
-            raise CheckpointError(path, f"{name} should be all zeros")
+            raise CheckpointError(path, f"{_name(name)} should be all zeros")
+    _check_model_size(path, config)
     model = ScaleTransformer.empty(config)
     _load_strict(path, model, state)
     return model.eval()
@@ -431,21 +503,19 @@ def _file_patch_nums(file: OfficialFile, path) -> tuple[int, ...] | None:
             continue
         try:
             if isinstance(value, str):  # the official flag's spelling: "1_2_3_4_5_6_8_10_13_16"
+                if len(value) > 4 * LIMITS["scales"]:
+                    raise ValueError(f"{len(value)} characters, more than {LIMITS['scales']} scales can need")
                 value = [int(v) for v in value.replace("-", "_").split("_")]
-            return ScaleSchedule(tuple(value)).patch_nums
+            return check_patch_nums(value, where)
         except (TypeError, ValueError) as err:
-            raise CheckpointError(path, f"{where} is not a scale schedule ({checks.shown(value)}): {err}") from None
+            raise CheckpointError(path, f"{where} is not a scale schedule ({quote(value)}): {short_error(err)}"
+                                  ) from None
     return None
 
 
 def _file_attention(file: OfficialFile, path) -> dict:
     """MVAR's kernel_size / refine_step from the run's args, checked like our own flags."""
-    saved = {name: file.args[name] for name in ("refine_step", "kernel_size") if file.args.get(name) is not None}
-    try:
-        AttentionMode.mvar(**saved)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(path, f"args: {err}") from None
-    return saved
+    return _check_attention(path, "args", file.args)
 
 
 def _trained_mode(entry: str | None, mask: str | None) -> str | None:
@@ -472,9 +542,10 @@ def load_official(path, kind: str, preset: str | None = None) -> LoadedModel:
         return LoadedModel(kind, model, model.cfg, extra, str(path))
     patch_nums = _file_patch_nums(file, path)
     config = get_preset(preset).transformer if preset else infer_transformer_config(file.state, path, patch_nums)
+    _check_model_size(path, config)
     depth = file.args.get("depth")
     if isinstance(depth, int) and depth != config.depth:
-        raise CheckpointError(path, f"args.depth is {depth}, but the weights have {config.depth} blocks")
+        raise CheckpointError(path, f"args.depth is {quote(depth)}, but the weights have {config.depth} blocks")
     mask = training_mask_of(file.state, config.patch_nums, path)
     model = transformer_from_official(file.state, config, path)
     extra.update(trained_mode=_trained_mode(file.entry, mask), training_mask=mask)
@@ -496,6 +567,7 @@ def load_official_transformer(path, preset: str | None = None) -> ScaleTransform
 
 def _tokenizer_from_official(state: dict[str, torch.Tensor], config: TokenizerConfig, path) -> MultiScaleVQVAE:
     state = dict(state)
+    _check_model_size(path, config)
     model = MultiScaleVQVAE.empty(config)
     hits = state.get("quantize.ema_vocab_hit_SV")
     if hits is not None and hits.shape[0] != len(config.patch_nums):
@@ -568,7 +640,7 @@ def download_official(name: str, models_dir, progress=None) -> Path:
         Path(models_dir).mkdir(parents=True, exist_ok=True)
         got = Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=str(models_dir), **kwargs))
         if not target.exists() and got.is_file():  # a hub client that answered with a path elsewhere
-            _atomic_write(target, lambda tmp: shutil.copyfile(got, tmp))
+            atomic_write(target, lambda tmp: shutil.copyfile(got, tmp))
         if not target.exists():
             raise FileNotFoundError(f"the hub client returned {got}, but nothing was written at the target")
     except BaseException as err:  # Ctrl-C included: never leave half a file where a model is expected
