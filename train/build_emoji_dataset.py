@@ -14,7 +14,8 @@ folder that ``--data DIR`` of the training scripts reads:
 
 Held-out images are whole emoji (every style and tone of an emoji sits in one split), so the
 validation set holds drawings the models never saw. Names come from Unicode's
-``emoji-test.txt`` (Debian's ``unicode-data``). Resumable: images already written are kept.
+``emoji-test.txt`` (Debian's ``unicode-data``). Resumable: images already written are kept, and
+images that the class table no longer holds are removed.
 """
 
 from __future__ import annotations
@@ -294,6 +295,10 @@ def main(argv=None) -> None:
         render(Path(row["source"]), args.size, args.margin, background, row["flipped"]).save(buffer, "PNG")
         atomic_write_bytes(target, buffer.getvalue())
         written += 1
+    stale = [p for split in ("train", "val") for p in (out / split).glob("*/*.png")
+             if str(p.relative_to(out)) not in {r["file"] for r in rows}]
+    for path in stale:  # left by an earlier class table: the loaders read every file of a class folder
+        path.unlink()
     names = {f"{i:02d}-{c.name.replace(' ', '-')}": c.name for i, c in enumerate(CLASSES)}
     atomic_write_bytes(out / "class_names.json", json.dumps(names, indent=1).encode())
     manifest = "".join(json.dumps({k: v for k, v in r.items() if k != "source"}) + "\n" for r in rows)
@@ -304,7 +309,7 @@ def main(argv=None) -> None:
     write_credits(out)
     if args.app_samples:
         write_app_samples(out, rows, args.app_samples_per_class, Path(args.app_samples))
-    print(f"{len(rows)} images ({written} new) in {out}", flush=True)
+    print(f"{len(rows)} images ({written} new, {len(stale)} stale removed) in {out}", flush=True)
     for index, cls in enumerate(CLASSES):
         counts = {s: sum(1 for r in rows if r["label"] == index and r["split"] == s) for s in ("train", "val")}
         print(f"  {cls.name:12s} train {counts['train']:5d}  val {counts['val']:4d}", flush=True)

@@ -33,7 +33,7 @@ CLASSES: tuple[EmojiClass, ...] = (
         exclude=("skull", "skull and crossbones", "smiling face with horns", "angry face with horns",
                  "face in clouds", "dotted line face", "face with steam from nose"),
     ),
-    EmojiClass("heart", subgroups=("heart",), exclude=("heart decoration",)),
+    EmojiClass("heart", subgroups=("heart",), exclude=("heart decoration", "love letter")),
     EmojiClass("flag", subgroups=("country-flag", "subdivision-flag"), flip=False),
     EmojiClass(
         "clock", name_contains=(("time", "o’clock"), ("time", "-thirty")),
@@ -53,7 +53,11 @@ CLASSES: tuple[EmojiClass, ...] = (
     EmojiClass("moon", name_contains=(("sky & weather", "moon"),)),
     EmojiClass(
         "shape", subgroups=("geometric",),
-        exclude=("radio button", "white square button", "black square button", "diamond with a dot"), flip=False,
+        exclude=("radio button", "white square button", "black square button", "diamond with a dot",
+                 # white on the white background: nothing but an outline is left
+                 "white circle", "white large square", "white medium square", "white medium-small square",
+                 "white small square"),
+        flip=False,
     ),
     EmojiClass("sign tile", subgroups=("keycap", "zodiac", "av-symbol"), flip=False),
     EmojiClass(
