@@ -248,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--var-transformer", default="", help="separate weights for VAR mode")
     parser.add_argument("--classifier", default="assets/classifier.safetensors")
     parser.add_argument("--per-class", type=int, default=10, help="samples per class and mode")
-    parser.add_argument("--cfg", type=float, default=SamplingConfig.cfg, help="guidance strength (0 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance strength (0 = off); unset: each file's "
+                        "sampling_defaults (as the app and mvar.sample use them), else the library's")
+    parser.add_argument("--top-k", type=int, default=None, help="0 = off; unset: as --cfg")
+    parser.add_argument("--top-p", type=float, default=None, help="1 = off; unset: as --cfg")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="transformer autocast dtype (fp16 on CUDA only)")
@@ -275,11 +276,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Refuse bad arguments before any model is loaded, naming the flag."""
     if args.per_class < 1:
         parser.error(f"--per-class must be at least 1, got {args.per_class}")
-    if not (math.isfinite(args.cfg) and 0 <= args.cfg <= 100):
+    if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= 100):
         parser.error(f"--cfg must be in [0, 100], got {args.cfg}")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         parser.error(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
     if args.real_per_class < 0:
         parser.error(f"--real-per-class must be 0 (auto) or positive, got {args.real_per_class}")
@@ -299,6 +300,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(str(err))
     if args.dtype == "fp16" and not args.device.startswith("cuda"):
         parser.error(f"--dtype fp16 is for CUDA devices, this run is on {args.device}; use bf16 or fp32")
+
+
+def sampling_for(args: argparse.Namespace, extra: dict, vocab_size: int) -> SamplingConfig:
+    """The flags where given, else the file's chosen ``sampling_defaults``, else the library's defaults."""
+    chosen = {**asdict(SamplingConfig()), **extra.get("sampling_defaults", {})}
+    given = {name: getattr(args, name) for name in ("cfg", "top_k", "top_p") if getattr(args, name) is not None}
+    return SamplingConfig(**{**chosen, **given}).validate(vocab_size)
 
 
 def mvar_mode(args: argparse.Namespace, extra: dict) -> AttentionMode:
@@ -345,7 +353,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if num_classes != classifier.cfg.num_classes:
         raise ValueError(f"the classifier knows {classifier.cfg.num_classes} classes, "
                          f"the transformer generates {num_classes}")
-    sampling = SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p).validate(mvar_file.model.cfg.vocab_size)
+    samplings = {id(f): sampling_for(args, f.extra, f.model.cfg.vocab_size) for f in (var_file, mvar_file)}
     names = mvar_file.extra.get("class_names") or ImageFolderDataset(args.data, "train", 64).class_names
     if len(names) != num_classes:
         raise ValueError(f"the transformer generates {num_classes} classes, {args.data} holds {len(names)}")
@@ -371,9 +379,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     modes = {}
     for loaded, mode in ((var_file, AttentionMode.var()), (mvar_file, mvar_mode(args, mvar_file.extra))):
         print(f"generating {args.per_class} x {num_classes} samples in {mode.name} mode ...", file=sys.stderr)
+        sampling = samplings[id(loaded)]
         result = evaluate_model(loaded.model, tokenizer, classifier, mode, real, args.per_class, sampling,
                                 args.seed, dtype, args.batch_size, names)
-        modes[mode.name] = {"transformer": str(loaded.path), **result}
+        modes[mode.name] = {"transformer": str(loaded.path), "sampling": asdict(sampling), **result}
 
     # The same metrics for held-out real images that the statistics did not use: the floor to compare with.
     count = args.per_class * num_classes
@@ -383,7 +392,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     return {
         "command": " ".join(["python", "-m", "train.evaluate", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+        "settings": {"seed": args.seed,
                      "dtype": args.dtype, "per_class": args.per_class, "batch_size": args.batch_size,
                      "device": str(device), "torch_threads": torch.get_num_threads()},
         "classifier": {"path": args.classifier, "feature_dim": classifier.cfg.feature_dim},
@@ -409,7 +418,8 @@ def write_cards(report: dict, args: argparse.Namespace) -> None:
             "classifier": report["classifier"]["path"], "tokenizer": report["tokenizer"],
             "real_statistics": report["real"],
             "real_reference": {k: report["real_reference"][k] for k in ("accuracy", "frechet_distance")},
-            **{mode: {k: report["modes"][mode][k] for k in ("accuracy", "per_class_accuracy", "frechet_distance")}
+            **{mode: {k: report["modes"][mode][k]
+                      for k in ("sampling", "accuracy", "per_class_accuracy", "frechet_distance")}
                for mode, file in files.items() if file == path},
         }
         atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
