@@ -4,7 +4,9 @@
 
 For every (preset, batch, dtype) it runs VAR and MVAR alternately in this process, repeats, and
 reports medians and spreads of generation latency (tokens + decode, and per scale), the KV-cache
-bytes actually allocated next to the cost model's, FLOPs counted by torch's flop counter next to
+bytes actually allocated next to the cost model's, the page's previews (what a generation costs as the
+page streams it, against the bare one, and how close each scale's preview is to the tokenizer's full
+fp32 decode of the same map), FLOPs counted by torch's flop counter next to
 the cost model's, the throughput achieved against a large matmul measured in the same run, and
 (in fresh subprocesses) peak memory of generation and of one training step. Official-size presets
 run with random weights: speed and memory do not depend on the values, and the output says so.
@@ -14,7 +16,9 @@ Timings vary from run to run; the VAR/MVAR ratios are the point.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from .memory import (
     trainer_iteration,
     training_setup,
 )
+from .previews import DEFAULT_PREVIEW_SHARE, PreviewBudget, Previews
 from .sampling import decode_to_unit, generate_steps, set_precision
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
@@ -104,19 +109,50 @@ def one_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: 
             "first_preview": first_preview_seconds(models, mode, batch, dtype, cfg)}
 
 
-def page_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> dict:
-    """A generation as the page runs it: a preview of the first sample after every scale (decoded at the
-    scale's own resolution, ``sampling.decode_preview``), then the other samples' final images decoded."""
+def page_generation(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool, budget: PreviewBudget
+                    ) -> dict:
+    """A generation as the page streams it: the first sample's previews (full decodes) of the scales the
+    budget lets through as they come (``previews.PreviewBudget``; always the last, which is the final
+    image), then the other samples' final images. The other scales' previews are decoded when a viewer
+    asks for them (``previews.Previews``): see :func:`preview_fidelity` for that cost."""
     labels, sampling = benchmark_request(models.transformer.cfg, batch, cfg)
     device = models.transformer.pos_1LC.device
     synchronize(device)
     started = time.perf_counter()
     steps = list(generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
-                                max_batch=4096, previews=True, preview_samples=1))
+                                max_batch=4096, previews=True, preview_samples=1, preview_budget=budget))
     if batch > 1:  # the first sample's final image is its last preview
         decode_to_unit(models.tokenizer, steps[-1].f_hat[1:])
     synchronize(device)
-    return {"total": time.perf_counter() - started, "previews": sum(s.preview_seconds for s in steps)}
+    return {"total": time.perf_counter() - started, "previews": sum(s.preview_seconds for s in steps),
+            "streamed_scales": [s.scale + 1 for s in steps if s.preview is not None]}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """dB between two images in [0, 1] (inf when equal)."""
+    mse = float((a.float() - b.float()).square().mean())
+    return float("inf") if mse == 0 else -10 * math.log10(mse)
+
+
+def preview_fidelity(models: Models, reference: MultiScaleVQVAE, mode: AttentionMode, dtype, cfg: bool) -> dict:
+    """Every scale's preview of one sample, as a viewer gets it (``previews.Previews``, in the measured
+    precision), against ``reference`` (the tokenizer in fp32) decoding the same partial map: PSNR per scale
+    in dB, and the median time of one preview's decode (what a scale slider's first visit costs)."""
+    labels, sampling = benchmark_request(models.transformer.cfg, 1, cfg)
+    previews = Previews(dtype)
+    for step in generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
+                               max_batch=4096):
+        previews.add(step.f_hat)
+    seconds = []
+    for scale in range(previews.num_scales):
+        before = previews.seconds
+        previews.image(models.tokenizer, scale)
+        seconds.append(previews.seconds - before)
+    with torch.no_grad():
+        references = decode_to_unit(reference, torch.cat(previews.maps).to(reference.post_quant_conv.weight.device))
+    scales = range(previews.num_scales)
+    return {"psnr": [psnr(previews.image(models.tokenizer, s), references[s].cpu()) for s in scales],
+            "decode_seconds": statistics.median(seconds)}
 
 
 def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> float:
@@ -183,6 +219,8 @@ def batches_for(args, measurement: str) -> list[int]:
 
 def run(args) -> dict:
     device = torch.device(args.device)  # resolved by main
+    if "page" in args.measure:
+        args.budgets = {}  # (preset, dtype, mode) -> the PreviewBudget its page-style runs share, as the app keeps one
     report = {"machine": machine_info(device), "configs": [], "notes": []}
     all_batches = sorted({b for m in args.measure for b in batches_for(args, m)})
     for dtype_name in args.dtypes:
@@ -191,19 +229,21 @@ def run(args) -> dict:
         report.setdefault("matmul_peak_flops", {})[dtype_name] = peak
         for preset in args.presets:
             models = load_models(preset, device)
+            # the previews' fidelity is measured against the fp32 tokenizer's decode
+            reference = copy.deepcopy(models.tokenizer) if "page" in args.measure else None
             set_precision(models.transformer, models.tokenizer, dtype)  # weights stored in the dtype measured
             if models.random_weights:
                 report["notes"].append(f"{preset}: random weights (speed and memory do not depend on the values)")
             for batch in all_batches:
                 wanted = [m for m in args.measure if batch in batches_for(args, m)]
-                entry = measure_config(models, preset, batch, dtype_name, wanted, args, peak)
+                entry = measure_config(models, preset, batch, dtype_name, wanted, args, peak, reference)
                 report["configs"].append(entry)
                 print_entry(entry)
     return report
 
 
 def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wanted: list[str], args,
-                   peak: float) -> dict:
+                   peak: float, reference: MultiScaleVQVAE | None = None) -> dict:
     """Every wanted measurement of one (preset, batch, dtype), VAR and MVAR side by side."""
     dtype = DTYPES[dtype_name]
     device = models.transformer.pos_1LC.device
@@ -238,18 +278,23 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
     if "page" in wanted:  # the page's previews against the bare generation, alternating, same mode
         pages = {name: [] for name in modes}
         bare = {name: [] for name in modes}
-        for mode in modes.values():
-            page_generation(models, mode, batch, dtype, args.cfg)  # warm-up
+        budgets = {name: args.budgets.setdefault((preset, dtype_name, name), PreviewBudget(args.preview_share))
+                   for name in modes}
+        for name, mode in modes.items():
+            page_generation(models, mode, batch, dtype, args.cfg, budgets[name])  # warm-up (it measures a decode)
         for _ in range(args.repeats):
             for name, mode in modes.items():
                 bare[name].append(one_generation(models, mode, batch, dtype, args.cfg)["total"])
-                pages[name].append(page_generation(models, mode, batch, dtype, args.cfg))
-        for name in modes:
+                pages[name].append(page_generation(models, mode, batch, dtype, args.cfg, budgets[name]))
+        for name, mode in modes.items():
             out = entry["modes"][name]
             out["page_total"] = spread([r["total"] for r in pages[name]])
             out["page_previews"] = spread([r["previews"] for r in pages[name]])
             out["page_bare_total"] = spread(bare[name])
             out["page_ratio"] = out["page_total"]["median"] / out["page_bare_total"]["median"]
+            out["page_streamed_scales"] = [r["streamed_scales"] for r in pages[name]]
+            out["page_preview_share"] = args.preview_share
+            out["preview_fidelity"] = preview_fidelity(models, reference, mode, dtype, args.cfg)
     if "flops" in wanted:
         for name, mode in modes.items():
             counted = counted_generation_flops(models, mode, batch, dtype, args.cfg)
@@ -306,8 +351,18 @@ def print_entry(entry: dict) -> None:
         lines.append(f"  first preview          VAR {v:.3f} s  MVAR {m:.3f} s")
     if "page_total" in var:
         v, m = var["page_total"]["median"], mvar["page_total"]["median"]
-        lines.append(f"  page-style generation  VAR {v:.3f} s ({var['page_ratio']:.2f}x bare)  "
-                     f"MVAR {m:.3f} s ({mvar['page_ratio']:.2f}x bare), previews of every scale")
+        lines.append(f"  page-style generation  VAR {v:.3f} s ({var['page_ratio']:.2f}x bare "
+                     f"{var['page_bare_total']['median']:.3f} s)  MVAR {m:.3f} s ({mvar['page_ratio']:.2f}x bare "
+                     f"{mvar['page_bare_total']['median']:.3f} s), previews within {var['page_preview_share']:g} "
+                     f"of the generation's time")
+        for name, out in (("VAR", var), ("MVAR", mvar)):
+            streamed = "; ".join(",".join(map(str, scales)) for scales in out["page_streamed_scales"])
+            lines.append(f"    {name:<4} scales previewed as they came, per repeat: {streamed} (the others when "
+                         f"asked: {out['preview_fidelity']['decode_seconds']:.3f} s each)")
+        for name, out in (("VAR", var), ("MVAR", mvar)):
+            values = out["preview_fidelity"]["psnr"]
+            lines.append(f"  preview fidelity {name:<4}  PSNR vs the fp32 full decode, scales 1..{len(values)}: "
+                         f"{' '.join(f'{p:.1f}' for p in values)} dB (min {min(values):.1f})")
     if "peak_memory" in var:
         v, m = var["peak_memory"]["peak_bytes"], mvar["peak_memory"]["peak_bytes"]
         lines.append(f"  peak memory            VAR {v / 2**20:.0f} MiB  MVAR {m / 2**20:.0f} MiB  ratio {m / v:.2f}")
@@ -414,6 +469,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--refine-step", type=int, default=8)
     parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--preview-share", type=float, default=DEFAULT_PREVIEW_SHARE,
+                        help="page: streamed previews may take this share of the generation's time "
+                             f"(default {DEFAULT_PREVIEW_SHARE}, as the page)")
     add_device_flag(parser)
     parser.add_argument("--out", default="bench")
     args = parser.parse_args(argv)
@@ -421,10 +479,12 @@ def main(argv=None) -> None:
     sizes = args.batch_sizes + (args.memory_batch_sizes or []) + (args.train_batch_sizes or [])
     if args.repeats < 1 or any(b < 1 for b in sizes):
         parser.error("--repeats and the batch sizes must be positive")
+    if not args.preview_share >= 0:
+        parser.error("--preview-share must be a number >= 0")
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     report = run(args)
-    report["arguments"] = {k: v for k, v in vars(args).items()}
+    report["arguments"] = {k: v for k, v in vars(args).items() if k != "budgets"}
     (folder / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
     charts = write_charts(report, folder, png=args.png)
     (folder / "summary.md").write_text(markdown_table(report))

@@ -11,12 +11,13 @@ job, evaluation and training) takes ``--device auto|cpu|cuda|cuda:N`` and resolv
 Training under torchrun resolves per rank with :func:`distributed_device` (rank i of a node on
 ``cuda:LOCAL_RANK``). Also here: a one-line description of a device for the page, the autocast
 precisions a device offers, ``DTYPES`` (the one map from a precision's name to its dtype),
-and a ``synchronize`` that is a no-op on the CPU (for timings).
+``autocast`` (a no-op for full precision) and a ``synchronize`` that is a no-op on the CPU (for timings).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -130,6 +131,13 @@ def autocast_precisions(device) -> tuple[str, ...]:
     # and asks the current device rather than this one
     native = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
     return ("fp32", "bf16", "fp16") if native else ("fp32", "fp16")
+
+
+def autocast(device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s kind; nothing for None or float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def synchronize(device) -> None:

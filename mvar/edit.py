@@ -26,8 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 from . import checks
 from .config import VAR_MODE, AttentionMode
-from .devices import add_device_flag, device_from_flag
-from .sampling import ForcedTokens, SamplingConfig, ScaleStep, _autocast, compute_dtype, decode_to_unit, generate_steps
+from .devices import add_device_flag, autocast, device_from_flag
+from .sampling import ForcedTokens, SamplingConfig, ScaleStep, compute_dtype, decode_to_unit, generate_steps
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
 
@@ -240,7 +240,7 @@ def edit(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, image: torch
     plan = plan_edit(tokenizer, image, mask, batch, keep_scales, threshold)
     steps = list(edit_steps(transformer, tokenizer, plan, label, seeds, sampling, mode, dtype=dtype))
     device = steps[-1].f_hat.device
-    with _autocast(device, compute_dtype(transformer, dtype)):
+    with autocast(device, compute_dtype(transformer, dtype)):
         generated = decode_to_unit(tokenizer, steps[-1].f_hat)
         reconstruction = decode_to_unit(tokenizer, plan.image_f_hat)
     images = blend(generated, reconstruction.expand_as(generated), plan.regenerate) if final_blend else generated
@@ -274,7 +274,7 @@ def image_pyramid(tokenizer: MultiScaleVQVAE, image: torch.Tensor) -> Pyramid:
     weight = tokenizer.quant_conv.weight
     pixels = image.to(weight.device, weight.dtype)[None].mul(2).sub(1)
     tokens, f_hats = tokenizer.quantize.quantize(tokenizer.encode_latent(pixels))
-    with _autocast(weight.device, tokenizer.decoder.conv_in.weight.dtype):
+    with autocast(weight.device, tokenizer.decoder.conv_in.weight.dtype):
         reconstructions = decode_to_unit(tokenizer, torch.cat(f_hats))
     reference = image.to(reconstructions.device)
     return Pyramid(reconstructions, [psnr(r, reference) for r in reconstructions],

@@ -2,7 +2,8 @@
 
 ``generate_steps`` is the core: an iterator that yields after every scale (tokens, accumulated
 ``f_hat``, optional preview, timing, optional attention weights), which the app streams from.
-``generate`` runs it to the end for batch generation.
+``generate`` runs it to the end for batch generation. A preview is the full decode of the scale's
+accumulated map; which scales a stream decodes, and how the others are decoded later, see ``previews.py``.
 
 Determinism: every sample owns a ``torch.Generator`` seeded from its own seed and draws its
 random numbers in a fixed order, so a sample never depends on the other samples in its batch
@@ -12,7 +13,6 @@ can differ slightly between batches).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checks
 from .config import VAR_MODE, AttentionMode
-from .devices import synchronize
-from .tokenizer import MultiScaleVQVAE
+from .devices import autocast, synchronize
+from .previews import PreviewBudget, decode_previews
+from .tokenizer import MultiScaleVQVAE, decode_to_unit
 from .transformer import AttentionCapture, ScaleTransformer
 
 SEED_MODULUS = 2**63  # any integer seed is folded into the generator's range
@@ -62,7 +62,8 @@ class ScaleStep:
     side: int
     tokens: torch.Tensor  # (B, side*side)
     f_hat: torch.Tensor  # (B, Cvae, h, w): accumulated map after this scale
-    preview: torch.Tensor | None  # (B or preview_samples, 3, H, W) in [0, 1], if previews were asked for
+    preview: torch.Tensor | None  # (B or preview_samples, 3, H, W) in [0, 1]: the full decode of f_hat, if
+    # previews were asked for (and, with a PreviewBudget, the budget let this scale's be decoded now)
     seconds: float  # wall time of this scale: generation, plus the preview and capture below
     attention: dict[int, torch.Tensor] | None = None  # layer -> (B or capture_samples, H, nq, Nk), cond. branch
     attention_queries: torch.Tensor | None = None  # (nq,) query positions within the scale
@@ -151,12 +152,6 @@ def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     targets = (uniforms * cdf[:, -1]).unsqueeze(1)
     # right=True: the first token whose cdf exceeds the target, never a zero-probability one
     return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -290,6 +285,7 @@ def generate_steps(
     preview_samples: int | None = None,
     forced: ForcedTokens | None = None,
     capture_samples: Sequence[int] | None = None,
+    preview_budget: PreviewBudget | None = None,
 ) -> Iterator[ScaleStep]:
     """Generate B = len(labels) images, yielding after every scale.
 
@@ -297,11 +293,13 @@ def generate_steps(
     the transformer (None/float32 = full precision; bfloat16 on CPU, float16/bfloat16 on CUDA).
     capture_layers / capture_queries: record the attention weights of the chosen query tokens
     ({scale: token indices or None for all}) at the chosen layers, conditional branch only.
-    preview_samples: decode previews of the first n samples only (None = all); a 256 px decode
-    costs about as much as a whole scale of a d16 transformer, so a viewer showing one image
-    should not pay for the others; previews of all but the last scale decode the map at the scale's own
-    resolution (see :func:`decode_preview`). capture_samples: the samples whose attention is captured
-    (None = all). forced: tokens kept instead of sampled (editing), see ForcedTokens.
+    previews: decode each scale's accumulated map in full (``previews.decode_previews``), for the first
+    ``preview_samples`` samples (None = all): a 256 px decode costs about as much as a whole scale of a
+    d16 transformer, so a viewer showing one image should not pay for the others. preview_budget (a
+    ``previews.PreviewBudget``, with previews): decode a scale's previews only when the budget allows,
+    else the step's ``preview`` is None (keep the maps in a ``previews.Previews`` to decode them later).
+    capture_samples: the samples whose attention is captured (None = all). forced: tokens kept instead
+    of sampled (editing), see ForcedTokens.
     Arguments are checked here, when called, not at the first step.
     """
     cfg = transformer.cfg
@@ -316,6 +314,9 @@ def generate_steps(
     previews = checks.boolean("previews", previews)
     if preview_samples is not None:
         preview_samples = checks.integer("preview_samples", preview_samples, low=1)
+    if preview_budget is not None and not (previews and isinstance(preview_budget, PreviewBudget)):
+        raise ValueError(f"preview_budget must be a PreviewBudget, with previews=True; got "
+                         f"{checks.shown(preview_budget)} with previews={previews}")
     max_batch = checks.integer("max_batch", max_batch, low=1)
     labels, seeds = _check_batch(labels, seeds, cfg.num_classes, max_batch)
     if tokenizer.cfg.patch_nums != cfg.patch_nums:
@@ -336,7 +337,7 @@ def generate_steps(
                              f"0..{len(labels) - 1}, got {checks.shown(capture_samples)}")
         capture_samples = torch.tensor([int(i) for i in items])
     return _scale_steps(transformer, tokenizer, labels, seeds, sampling, mode, previews, dtype, layers,
-                        capture_queries, preview_samples, forced, capture_samples)
+                        capture_queries, preview_samples, forced, capture_samples, preview_budget)
 
 
 def _check_forced(forced, patch_nums: Sequence[int], batch: int, vocab: int) -> ForcedTokens | None:
@@ -361,7 +362,8 @@ def _check_forced(forced, patch_nums: Sequence[int], batch: int, vocab: int) -> 
 def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labels: list[int], seeds: list[int],
                  sampling: SamplingConfig, mode: AttentionMode, previews: bool, dtype, layers: tuple[int, ...],
                  capture_queries, preview_samples: int | None, forced: ForcedTokens | None = None,
-                 capture_samples: torch.Tensor | None = None) -> Iterator[ScaleStep]:
+                 capture_samples: torch.Tensor | None = None, budget: PreviewBudget | None = None
+                 ) -> Iterator[ScaleStep]:
     """The generation loop of :func:`generate_steps`, on checked arguments."""
     cfg = transformer.cfg
     device = transformer.pos_1LC.device
@@ -372,13 +374,14 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
     branch_labels = torch.tensor(labels + ([cfg.null_class] * batch if guided else []), device=device)
     codebook = tokenizer.quantize.embedding.weight
 
-    with _autocast(device, dtype):
+    with autocast(device, dtype):
         cond = transformer.class_condition(branch_labels)
         activation_dtype = transformer.word_embed(codebook[:1]).dtype
     cache = None if mode.markov else transformer.new_kv_cache(len(branch_labels), activation_dtype)
     side_final = schedule.final_side
     f_hat = torch.zeros(batch, cfg.latent_channels, side_final, side_final, device=device)
     scale_input = None
+    generated = previewed = 0.0  # seconds so far: the generation's own, the previews of the scales before the last
 
     for scale, side in enumerate(cfg.patch_nums):
         started = time.perf_counter()
@@ -388,7 +391,7 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
             query_index = None if chosen is None else torch.tensor(chosen, dtype=torch.long)
             capture = AttentionCapture(layers=layers, queries=query_index, samples=capture_samples)
 
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             step_input = None if scale_input is None else scale_input.repeat(2 if guided else 1, 1, 1)
             x = transformer.embed_scale(scale, cond, step_input)
             plan = transformer.plan_for(mode, [scale], cached=cache is not None)
@@ -404,14 +407,18 @@ def _scale_steps(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, labe
         if scale + 1 < schedule.num_scales:
             scale_input = tokenizer.scale_input(f_hat, scale + 1)
 
+        synchronize(device)
+        generated += time.perf_counter() - started - (0.0 if capture is None else capture.seconds)
+        last = scale + 1 == schedule.num_scales
         preview, preview_seconds = None, 0.0
-        if previews:
-            synchronize(device)
+        if previews and (budget is None or budget.allows(generated, previewed, last)):
             preview_started = time.perf_counter()
-            with _autocast(device, dtype):
-                preview = decode_preview(tokenizer, f_hat[:preview_samples], side)
+            preview = decode_previews(tokenizer, f_hat[:preview_samples], dtype)
             synchronize(device)
             preview_seconds = time.perf_counter() - preview_started
+            previewed += 0.0 if last else preview_seconds
+            if budget is not None:
+                budget.measured(preview_seconds)
         attention = None
         if capture is not None:
             # without samples the capture saw both CFG branches: keep the conditional rows
@@ -448,7 +455,7 @@ def _choose_tokens(transformer: ScaleTransformer, hidden: torch.Tensor, cond, sa
     for begin in range(0, batch, chunk):
         samples = torch.arange(begin, min(begin + chunk, batch), device=hidden.device)
         rows = torch.cat((samples, samples + batch)) if guided else samples
-        with _autocast(hidden.device, dtype):
+        with autocast(hidden.device, dtype):
             logits = transformer.logits(hidden[rows], cond.rows(rows))  # (rows, n, V) fp32
         if guided:
             strength = sampling.cfg * ratio
@@ -472,32 +479,10 @@ def _choose_tokens(transformer: ScaleTransformer, hidden: torch.Tensor, cond, sa
     return torch.cat(all_tokens), torch.cat(all_embedded)
 
 
-def decode_to_unit(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """f_hat -> images (B, 3, H, W) in [0, 1], fp32."""
-    return tokenizer.decode(f_hat, chunk_size=chunk_size).float().add(1).mul(0.5).clamp(0, 1)
-
-
-# the smallest map a preview decodes: the decoder's GroupNorms need a few values per group
-PREVIEW_MIN_SIDE = 2
-
-
-def decode_preview(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, side: int) -> torch.Tensor:
-    """The preview of a partial map at a cost its scale carries: f_hat (B, Cvae, h, w) area-downsampled,
-    decoded there (the decoder is convolutional) and upsampled to the image size.
-
-    A full 256 px decode of a d16 tokenizer costs about a third of the whole generation, so full-size
-    previews of every scale cost more than the generation itself. A scale's preview decodes at the scale's
-    own side, at most half the last scale's (so 13x13 decodes at 8x8: those previews are a little softer
-    than the full decode); the last scale's preview is the full decode. Measured on d16 (bf16, CPU): a
-    generation with previews of every scale, as the page streams it, takes about 1.4x the bare one."""
-    height = f_hat.shape[-1]
-    if side >= height:
-        return decode_to_unit(tokenizer, f_hat)
-    side = min(max(side, PREVIEW_MIN_SIDE), max(PREVIEW_MIN_SIDE, height // 2))
-    small = F.interpolate(f_hat.float(), size=(side, side), mode="area").to(f_hat.dtype)
-    image = decode_to_unit(tokenizer, small)
-    size = height * tokenizer.cfg.downsample
-    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+def decode_preview(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """The preview of a partial map: its full decode (``side`` is ignored). Kept for app/ until it uses
+    ``previews.Previews``; new code calls ``previews.decode_previews``."""
+    return decode_to_unit(tokenizer, f_hat)
 
 
 @torch.no_grad()
@@ -518,7 +503,7 @@ def generate(
         decode_chunk = checks.integer("decode_chunk", decode_chunk, low=1)
     steps = list(generate_steps(transformer, tokenizer, labels, seeds, sampling, mode,
                                 previews=False, dtype=dtype, max_batch=max_batch))
-    with _autocast(steps[-1].f_hat.device, compute_dtype(transformer, dtype)):
+    with autocast(steps[-1].f_hat.device, compute_dtype(transformer, dtype)):
         images = decode_to_unit(tokenizer, steps[-1].f_hat, decode_chunk)
     return Generation(
         tokens=[s.tokens for s in steps],

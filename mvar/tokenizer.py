@@ -26,6 +26,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def decode_to_unit(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """An accumulated map f_hat (B, Cvae, h, w) -> its images (B, 3, H, W) in [0, 1], fp32: the tokenizer's
+    full decode (the final image of a generation, or the preview of a partial map)."""
+    return tokenizer.decode(f_hat, chunk_size=chunk_size).float().add(1).mul(0.5).clamp(0, 1)
+
+
 def _check_tensor(name: str, value, ndim: int, floating: bool = True) -> torch.Tensor:
     """A tensor of ``ndim`` dims, floating point (or integer with ``floating=False``), else ValueError."""
     if not isinstance(value, torch.Tensor):
