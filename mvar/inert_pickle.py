@@ -671,7 +671,7 @@ NUMPY_NAME = re.compile(r"^[biufc]\d{1,2}$")
 def _numpy_dtype(reader, args):
     if 1 <= len(args) <= 3 and isinstance(args[0], str) and NUMPY_NAME.match(args[0]):
         return _NumpyDtype(args[0])
-    raise FileDamaged(f"numpy.dtype{quote(args)}: only numeric dtypes are read")
+    return InertObject("numpy.dtype", args)  # object, string, record dtypes: kept as a record, never built
 
 
 def _numpy_scalar(reader, args):
@@ -920,6 +920,11 @@ def plain_data(value, where: str = "value", max_depth: int = 16, max_values: int
             return item.dotted
         if isinstance(item, _NumpyArray):
             return _numpy_array(item)
+        if isinstance(item, _NumpyDtype):
+            try:
+                return str(item.resolve())
+            except (ImportError, TypeError, ValueError, FileDamaged):
+                return item.name
         return quote(item)
 
     return convert(value, 0, where)

@@ -533,3 +533,19 @@ def test_quote_is_short_and_never_raises():
                   inert.InertObject("o" * 10**6), torch.zeros([1] * 64)):
         assert len(inert.quote(value)) <= 80
     assert inert.quote((1,)) == "(1,)" and inert.quote({"a": [1, 2]}) == "{'a': [1, 2]}"
+
+
+def test_numpy_values_in_official_args_are_read_as_numbers(tmp_path, tiny_transformer):
+    """An official run may log numpy scalars in its args; they come out as plain numbers, and an object array
+    (which only pickle's own numpy code could rebuild) is described, not built, without refusing the file."""
+    import numpy as np
+
+    args = OrderedDict(depth=np.int64(2), tblr=np.float64(1e-4), fp16=np.bool_(True),
+                       resos=np.array([16, 32], dtype=np.int32), names=np.array(["a"], dtype=object))
+    path = tmp_path / "numpy-args.pth"
+    torch.save({"trainer": {"mvar_wo_ddp": official_transformer_state_dict(tiny_transformer, "block-diagonal")},
+                "args": args}, path)
+    file = read_official_file(path)
+    assert file.args == {"depth": 2, "tblr": 1e-4, "fp16": True, "resos": [16, 32], "names": "numpy.ndarray"}
+    assert type(file.args["depth"]) is int and type(file.args["tblr"]) is float
+    assert load_any(path, "transformer").extra["official_args"] == {"depth": 2, "tblr": 1e-4, "fp16": True}
