@@ -89,8 +89,9 @@ def _from_dict(cls, data: dict):
         shown_names = ", ".join(quote(name, 40) for name in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
         raise ValueError(f"{cls.__name__} has no field(s) {shown_names}")
     for name, value in data.items():  # a sequence field is checked for length before it is copied or echoed
-        if isinstance(value, list | tuple) and len(value) > max(LIMITS["scales"], LIMITS["channel_levels"]):
-            raise ValueError(f"{name} has {len(value)} entries; at most {LIMITS['scales']} are allowed")
+        bound = LIMITS["channel_levels"] if name == "channel_mult" else LIMITS["scales"]
+        if isinstance(value, list | tuple) and len(value) > bound:
+            raise ValueError(f"{name} has {len(value)} entries; at most {bound} are allowed")
     converted = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**converted)
 
