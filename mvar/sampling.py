@@ -21,19 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import checks
+from . import checks, ranges
 from .config import VAR_MODE, AttentionMode
 from .devices import autocast, synchronize
 from .previews import PreviewBudget, decode_previews
 from .tokenizer import MultiScaleVQVAE, decode_to_unit
 from .transformer import AttentionCapture, ScaleTransformer
 
-SEED_MODULUS = 2**63  # any integer seed is folded into the generator's range
+SEED_MODULUS = ranges.SEED_MODULUS  # any integer seed is folded into the generator's range
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """cfg: guidance strength t = cfg * s / (S - 1) at scale s, logits = (1 + t) cond - t uncond (VAR's ramp);
+    """The settings' ranges are in ``ranges.py``. cfg (0..10): guidance strength t = cfg * s / (S - 1) at scale s,
+    logits = (1 + t) cond - t uncond (VAR's ramp);
     0 = no guidance, and no unconditional branch is run. In MVAR mode cfg == 1.0 is no guidance as well,
     as in the official MVAR sampler (VAR's applies its ramp at 1.0 too; see :func:`is_guided`);
     top_k: keep the k most likely tokens (0 = off); top_p: nucleus mass in (0, 1] (1 = off);
@@ -47,9 +48,9 @@ class SamplingConfig:
     def validate(self, vocab_size: int) -> SamplingConfig:
         """The settings with plain Python types (float, int, float, bool), or a ValueError naming the bad one."""
         return SamplingConfig(
-            cfg=checks.real("cfg", self.cfg, 0, 100),
-            top_k=checks.integer("top_k", self.top_k, 0, vocab_size),
-            top_p=checks.real("top_p", self.top_p, 0, 1, low_open=True),
+            cfg=checks.real("cfg", self.cfg, ranges.CFG_MIN, ranges.CFG_MAX),
+            top_k=checks.integer("top_k", self.top_k, ranges.TOP_K_MIN, ranges.top_k_max(vocab_size)),
+            top_p=checks.real("top_p", self.top_p, ranges.TOP_P_MIN, ranges.TOP_P_MAX, low_open=True),
             smooth=checks.boolean("smooth", self.smooth),
         )
 
@@ -281,7 +282,7 @@ def generate_steps(
     dtype: torch.dtype | None = None,
     capture_layers: Sequence[int] | None = None,
     capture_queries: Mapping[int, Sequence[int] | None] | None = None,
-    max_batch: int = 64,
+    max_batch: int = ranges.MAX_BATCH,
     preview_samples: int | None = None,
     forced: ForcedTokens | None = None,
     capture_samples: Sequence[int] | None = None,
@@ -495,7 +496,7 @@ def generate(
     mode: AttentionMode = VAR_MODE,
     dtype: torch.dtype | None = None,
     decode_chunk: int | None = None,
-    max_batch: int = 64,
+    max_batch: int = ranges.MAX_BATCH,
 ) -> Generation:
     """Generate to the end and decode once: the batch helper behind the CLI and the benchmarks."""
     started = time.perf_counter()

@@ -350,3 +350,19 @@ def test_capture_of_one_sample_equals_its_rows_of_the_full_capture(tiny_transfor
     with pytest.raises(ValueError, match="capture_samples"):
         generate_steps(tiny_transformer, tiny_tokenizer, [1, 2], capture_layers=[0], capture_queries=queries,
                        capture_samples=[2])
+
+
+def test_the_sampler_checks_against_the_shared_ranges(tiny_transformer):
+    from mvar import ranges
+
+    vocab = tiny_transformer.cfg.vocab_size
+    edge = SamplingConfig(cfg=ranges.CFG_MAX, top_k=ranges.top_k_max(vocab), top_p=ranges.TOP_P_MAX)
+    assert edge.validate(vocab) == edge
+    assert SamplingConfig(cfg=ranges.CFG_MIN, top_k=ranges.TOP_K_MIN, top_p=1e-9).validate(vocab).top_k == 0
+    for bad, message in ((dict(cfg=ranges.CFG_MAX + 0.5), "cfg must be a number in \\[0.0, 10.0\\]"),
+                         (dict(top_k=vocab + 1), f"top_k must be an integer in 0..{vocab}"),
+                         (dict(top_p=ranges.TOP_P_MIN), "top_p must be a number in \\(0.0, 1.0\\]")):
+        with pytest.raises(ValueError, match=message):
+            SamplingConfig(**bad).validate(vocab)
+    assert normalize_seed(ranges.SEED_MAX) == ranges.SEED_MAX and normalize_seed(ranges.SEED_MAX + 1) == 0
+    assert ranges.kernel_sizes(16) == (1, 3, 5, 7, 9, 11, 13, 15) and ranges.refine_step_max(10) == 10
