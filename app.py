@@ -22,7 +22,8 @@ import argparse
 import logging
 import os
 
-from app.page import CSS, DEFAULT_KEEP_MIB, DEFAULT_TIME_LIMIT, build_app
+from app.page import CSS, build_app
+from app.policy import DEFAULT_KEEP_MIB, DEFAULT_TIME_LIMIT, ServerLimits
 from app.registry import ModelEntry, ModelRegistry
 from app.zerogpu import GpuTasks
 from mvar.devices import DEVICE_HELP, resolve_device
@@ -57,10 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--queue-size must be at least 1, got {args.queue_size}")
     if args.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
-    if not args.time_limit > 0:
-        parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
-    if not args.keep_mib >= 0:
-        parser.error(f"--keep-mib must be >= 0, got {args.keep_mib}")
+    try:
+        args.limits = ServerLimits(args.time_limit, args.keep_mib)  # checked there, once
+    except ValueError as err:
+        parser.error(str(err))
     try:
         args.device = str(resolve_device(args.device))  # "cuda:0"; the error names --device
     except ValueError as err:
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
                                 args.tokenizer, args.transformer, args.var_transformer))
     device, gpu = placement(args.device)
     registry = ModelRegistry(args.models_dir, allow_download=args.download, extra=extra, device=device)
-    demo = build_app(registry, time_limit=args.time_limit, keep_mib=args.keep_mib, gpu=gpu)
+    demo = build_app(registry, args.limits, gpu=gpu)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, css=CSS)
 

@@ -5,6 +5,8 @@ Images are uint8 (H, W, 3). Token grids are row-major: token t of a p x p scale 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -20,6 +22,18 @@ def upscale(image: np.ndarray, size: int) -> np.ndarray:
     rows = (np.arange(size) * h // size).clip(0, h - 1)
     cols = (np.arange(size) * w // size).clip(0, w - 1)
     return image[rows][:, cols]
+
+
+@dataclass
+class Filmstrip:
+    """One model's previews of one sample, scale by scale, with the frame labels and the current scale."""
+
+    frames: list[np.ndarray]
+    labels: list[str]
+    current: int
+
+    def image(self) -> np.ndarray:
+        return filmstrip(self.frames, self.labels, self.current)
 
 
 def filmstrip(frames: list[np.ndarray], labels: list[str] | None = None, current: int | None = None,
@@ -44,13 +58,6 @@ def filmstrip(frames: list[np.ndarray], labels: list[str] | None = None, current
             draw.text((left + cell // 2 - 3 * len(text), top + cell + 2), text,
                       fill=(214, 39, 40) if current == i else (60, 60, 60))
     return np.asarray(canvas)
-
-
-def token_at(x: float, y: float, image_size: int, side: int) -> tuple[int, int]:
-    """Pixel (x, y) on a displayed image of ``image_size`` px -> (row, col) on a side x side token grid."""
-    col = int(np.clip(x * side // image_size, 0, side - 1))
-    row = int(np.clip(y * side // image_size, 0, side - 1))
-    return row, col
 
 
 def _heat_colors(values: np.ndarray) -> np.ndarray:
@@ -194,20 +201,6 @@ def mask_figure(patch_nums: tuple[int, ...], kind: str, refine_step: int = 8, ke
                          yaxis=dict(title="query position", autorange="reversed",
                                     tickvals=[0, *ends[-3:].tolist()], scaleanchor="x"))
     return figure
-
-
-def mask_image(patch_nums: tuple[int, ...], kind: str, refine_step: int = 8, kernel_size: int = 7,
-               highlight_row: int | None = None, size: int = 340) -> np.ndarray:
-    """The attention mask as an image (allowed = dark), one row highlighted (for reports and tests)."""
-    allowed = mask_matrix(patch_nums, kind, refine_step, kernel_size)
-    length = allowed.shape[0]
-    image = np.where(allowed[..., None], np.array([40, 60, 120], np.uint8), np.array([245, 245, 245], np.uint8))
-    picked = (np.arange(size) * length // size).clip(0, length - 1)
-    out = image[picked][:, picked].astype(np.uint8)
-    if highlight_row is not None:  # keep the highlighted row visible after downsampling
-        y = int(highlight_row * size // length)
-        out[max(0, y - 1) : y + 2] = np.where(allowed[highlight_row][picked][:, None], [230, 30, 30], [255, 200, 200])
-    return out
 
 
 def mass_by_distance_figure(var_mass: np.ndarray, title: str = "Attention mass by scale distance") -> go.Figure:

@@ -315,7 +315,8 @@ class ModelRegistry:
         return pending.result
 
     def loaded_keys(self) -> list[str]:
-        """Keys of the loaded entries, least recently used first."""
+        """Keys of the loaded entries, least recently used first (public: what a caller or a test may ask of
+        the registry's memory; the page itself never needs it)."""
         with self._lock:
             return [key for key, _ in self._loaded]
 
@@ -381,7 +382,3 @@ def _hub_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,9 +3,9 @@
     python -m app.space --out DIR --hardware cpu|gpu|zerogpu [--force]
 
 The folder holds the Space's README.md (its YAML metadata: Gradio SDK at the version requirements.txt
-pins, the Python version and the suggested hardware), the app's entry ``app.py``, the code (``mvar/``,
-``app/``, and ``train/embedded_data.py`` for the Edit tab's dataset samples), the default models of
-``assets/``, a ``.gitattributes`` that stores the weights with Git LFS,
+pins, the Python version and the suggested hardware), the app's entry ``app.py``, the code (``mvar/`` and
+``app/``), the default models of ``assets/`` and the Edit tab's dataset samples
+(``assets/dataset_samples.png`` and ``.json``), a ``.gitattributes`` that stores the weights with Git LFS,
 and a requirements.txt pinned for that hardware. On the Space the page offers the default models at
 once and the official presets for download (see ``app.registry``: SPACE_ID is set there).
 """
@@ -21,12 +21,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE_FOLDERS = ("mvar", "app")  # copied as their *.py and *.json files
+CODE_FOLDERS = ("mvar", "app")  # copied as their *.py and *.json files, subfolders included
 CODE_SUFFIXES = (".py", ".json")
-# the embedded dataset, for the Edit tab's "sample from the dataset" (numpy, torch and PIL only)
-DATA_FILES = ("train/__init__.py", "train/embedded_data.py")
 DEFAULT_MODELS = tuple(f"{name}.{suffix}" for name in ("tokenizer", "mvar", "var")
                        for suffix in ("safetensors", "json"))
+DATASET_SAMPLES = ("dataset_samples.png", "dataset_samples.json")  # the Edit tab's "Sample from the dataset"
 OFFICIAL_REPOS = ("FoundationVision/var", "CVLUESTC/MVAR")  # where the presets are downloaded from
 CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 # ZeroGPU runs a fixed list of torch versions (docs: "Spaces ZeroGPU", supported versions 2.1.0 ... 2.8.0)
@@ -180,19 +179,18 @@ def write_space(out, hardware: str, force: bool = False, root: Path = ROOT) -> l
     target = options[hardware]
     out = Path(out)
     _check_out(out, force)
-    missing = [name for name in DEFAULT_MODELS if not (root / "assets" / name).is_file()]
+    missing = [name for name in DEFAULT_MODELS + DATASET_SAMPLES if not (root / "assets" / name).is_file()]
     if missing:
-        raise SpaceError(f"{root / 'assets'}: the default models are missing ({', '.join(missing)}); expected "
-                         "the trained defaults the app opens with")
+        raise SpaceError(f"{root / 'assets'}: files the app opens with are missing ({', '.join(missing)}); expected "
+                         "the trained default models and the Edit tab's dataset samples")
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)
     written = []
     for folder in CODE_FOLDERS:
-        for source in sorted((root / folder).iterdir()):
-            if source.is_file() and source.suffix in CODE_SUFFIXES:
-                written.append(_copy(source, out / folder / source.name))
-    written.extend(_copy(root / name, out / name) for name in DATA_FILES)
-    written.extend(_copy(root / "assets" / name, out / "assets" / name) for name in DEFAULT_MODELS)
+        for source in sorted((root / folder).rglob("*")):
+            if source.is_file() and source.suffix in CODE_SUFFIXES and "__pycache__" not in source.parts:
+                written.append(_copy(source, out / source.relative_to(root)))
+    written.extend(_copy(root / "assets" / name, out / "assets" / name) for name in DEFAULT_MODELS + DATASET_SAMPLES)
     written.append(_copy(root / "app.py", out / "app.py"))
     for name, text in (("README.md", space_readme(target, pins)),
                        ("requirements.txt", space_requirements(target, pins)),

@@ -94,8 +94,3 @@ class GpuTasks:
             return ("running on ZeroGPU: a GPU is attached for each generation and analysis "
                     f"(at most {GENERATE_SECONDS} s / {ANALYSIS_SECONDS} s); the models are held on the CPU")
         return f"running on {describe_device(hold_device)}"
-
-
-def gpu_task(duration: int):
-    """``@gpu_task(60)``: :meth:`GpuTasks.task` with ``spaces`` detected now (a no-op where it is not importable)."""
-    return GpuTasks.detect().task(duration)

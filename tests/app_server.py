@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -47,20 +48,43 @@ def save_tiny_models(folder: Path) -> tuple[Path, Path]:
     return tokenizer, transformer
 
 
+def run_held(hold_file: str, hold_before: int, argv: list[str]) -> None:
+    """app.py's main, with every generation held before its frame ``hold_before`` until ``hold_file`` exists:
+    a test can then act while a run is certainly streaming (press Stop), however fast the machine is."""
+    import app.work.generation as generation
+
+    original = generation.generate_frames
+
+    def held(*args, **kwargs):
+        for index, frame in enumerate(original(*args, **kwargs)):
+            while index == hold_before and not Path(hold_file).exists():
+                time.sleep(0.05)  # waits for the test's file, not for time to pass
+            yield frame
+
+    generation.generate_frames = held
+    sys.argv = ["app.py", *argv]
+    runpy.run_path(str(ROOT / "app.py"), run_name="__main__")
+
+
 class AppServer:
-    def __init__(self, folder: Path, extra_args: list[str] | None = None):
+    """The app on a free loopback port with the tiny models; ``hold``: (file, frame) to hold every generation
+    before that frame until the file exists (see :func:`run_held`)."""
+
+    def __init__(self, folder: Path, extra_args: list[str] | None = None, hold: tuple[Path, int] | None = None):
         tokenizer, transformer = save_tiny_models(folder)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
         self.log = open(folder / "server.log", "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--tokenizer", str(tokenizer), "--transformer", str(transformer),
-             "--port", str(self.port), *(extra_args or [])],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        args = ["--tokenizer", str(tokenizer), "--transformer", str(transformer), "--port", str(self.port),
+                *(extra_args or [])]
+        command = [sys.executable, str(ROOT / "app.py"), *args] if hold is None else [
+            sys.executable, "-c", "import sys; from tests.app_server import run_held; "
+            "run_held(sys.argv[1], int(sys.argv[2]), sys.argv[3:])", str(hold[0]), str(hold[1]), *args]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready()
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if (code := self.process.poll()) is not None:

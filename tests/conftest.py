@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import pickle
+import types
+
 import pytest
 import torch
 
@@ -77,3 +81,28 @@ def ram_dir(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
     else:
         yield tmp_path
+
+
+def fake_spaces(calls: list) -> types.ModuleType:
+    """A stand-in for ``spaces``: GPU(duration=...) records the call and pickles what crosses the boundary."""
+    module = types.ModuleType("spaces")
+
+    def GPU(duration=None):  # noqa: N802 - the real name
+        def decorate(fn):
+            calls.append(("decorated", fn.__name__, duration))
+            crossed = lambda value: pickle.loads(pickle.dumps(value))  # noqa: E731
+
+            if inspect.isgeneratorfunction(fn):
+                def worker(*args, **kwargs):
+                    calls.append(("call", fn.__name__))
+                    for item in fn(*crossed(args), **crossed(kwargs)):
+                        yield crossed(item)
+            else:
+                def worker(*args, **kwargs):
+                    calls.append(("call", fn.__name__))
+                    return crossed(fn(*crossed(args), **crossed(kwargs)))
+            return worker
+        return decorate
+
+    module.GPU = GPU
+    return module

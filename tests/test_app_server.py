@@ -4,6 +4,7 @@ Also its limits: a full queue refuses politely, a generation past the time limit
 the app keeps per session stays within its budget.
 """
 
+import re
 import time
 from pathlib import Path
 
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.handlers import GenerationRecord, ModelRun, Settings, UserError
-from app.policy import GenerationStore, ImageFiles, record_bytes, ui_event
+from app.image_files import ImageFiles
+from app.policy import ui_event
+from app.store import GenerationStore, record_bytes
+from app.work.generation import GenerationRecord, ModelRun
+from app.work.settings import Settings, UserError
 from mvar.config import VAR_MODE
 from mvar.sampling import SamplingConfig
 
@@ -192,6 +196,169 @@ def test_browser_on_a_phone_the_page_fits_and_the_filmstrips_read(server):
         assert strip.bounding_box()["height"] >= 100  # two rows of five, not a 35 px sliver
         page.screenshot(path=str(Path(server.log.name).parent / "phone.png"), full_page=True)
         browser.close()
+
+
+SEED_RANGE = "from 0 to 2^53 - 1 (9007199254740991)"
+
+
+def toast(page, text: str):
+    """A toast with this text (the first, should there be several)."""
+    return page.locator(".toast-body").get_by_text(text).first
+
+
+def log_lines(server, text: str) -> int:
+    return Path(server.log.name).read_text().count(text)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_browser_nothing_is_changed_silently(server):
+    """A fractional seed, top-k, refine step or token row is refused, not rounded; an empty box is refused like
+    the others, named as no number; the seed used is the seed typed up to the label's 2^53 - 1."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser, page = open_page(playwright, server.url, 1400, 1800)
+        set_number(page, "#seed", 9007199254740991)  # the label's maximum: used as typed
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("done: 1 image of 'class-0', seed 9007199254740991;").wait_for(timeout=300_000)
+        assert "seed9007199254740991.png" in page.locator("#downloads").inner_text()  # the download's name
+        shown = page.locator("#mvar-image img").get_attribute("src")
+        refusals = [("#seed", "1.5", f"Seed must be a whole number {SEED_RANGE}, got 1.5"),
+                    ("#seed", "", f"Seed must be a whole number {SEED_RANGE}, got no number"),
+                    ("#top-k", "2.5", "top-k must be a whole number from 0 to 32, got 2.5"),
+                    ("#top-k", "", "top-k must be a whole number from 0 to 32, got no number"),
+                    ("#refine-step", "2.5", "Refine step must be a whole number from 0 to 10, got 2.5")]
+        page.locator("#mvar-attention .label-wrap").click()  # open the accordion holding the refine step
+        for selector, value, message in refusals:
+            set_number(page, selector, value)
+            page.get_by_role("button", name="Generate").click()
+            toast(page, message).wait_for(timeout=60_000)
+            set_number(page, selector, {"#seed": 0, "#top-k": 10, "#refine-step": 8}[selector])
+        assert page.locator("#mvar-image img").get_attribute("src") == shown and no_error_badges(page)
+        page.get_by_role("tab", name="Attention").click()
+        set_number(page, "#token-row", 3.7)
+        toast(page, "Token row must be a whole number from 0 to 15, got 3.7").wait_for(timeout=60_000)
+        assert no_error_badges(page)
+        browser.close()
+    for _, _, message in refusals:
+        assert log_lines(server, f"refused on_generate: {message}") == 1, message  # one line per refusal
+    assert log_lines(server, "refused on_view: Token row must be a whole number from 0 to 15, got 3.7") == 1
+    log = Path(server.log.name).read_text()
+    assert "Traceback" not in log and "ComponentProcessingError" not in log
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_browser_the_scale_box_has_no_dead_end(server):
+    """A fractional, out-of-range or empty value in the Scale slider's box: one message in the label's words,
+    the images stay, no Error badge, no request repeated, one line in the log."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser, page = open_page(playwright, server.url, 1400, 1800)
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("done: 1 image").wait_for(timeout=300_000)
+        sent = []  # the values the page sent for the scale
+        page.on("request", lambda r: sent.append(r.post_data) if "queue/join" in r.url else None)
+        image = page.locator("#mvar-image img")
+        final = image.get_attribute("src")
+        box = page.locator("#scale-slider input[type='number']")
+        for value, shown in (("5.5", "5.5"), ("0", "0"), ("11", "11"), ("", "no number")):
+            box.fill(value)  # what a visitor types, sent at once
+            toast(page, f"Scale must be a whole number from 1 to 10, got {shown}").wait_for(timeout=60_000)
+            assert image.get_attribute("src") == final and no_error_badges(page)
+        box.click()  # typed key by key: 7, 7. (still 7), 7.5
+        box.press("Control+a")
+        page.keyboard.type("7.5")
+        toast(page, "Scale must be a whole number from 1 to 10, got 7.5").wait_for(timeout=60_000)
+        page.get_by_text("MVAR, scale 7 of 10 (7x7)").first.wait_for(timeout=60_000)  # 7 was shown on the way
+        box.fill("4")  # and the box works on: a round trip after which any repeated request would have come
+        page.get_by_text("MVAR, scale 4 of 10 (4x4)").first.wait_for(timeout=60_000)
+        assert no_error_badges(page)
+        for value in ("5.5", "7.5", "11"):
+            assert sum(f'"data":[null,{value},' in (data or "") for data in sent) <= 1, value  # never repeated
+        browser.close()
+    for shown in ("5.5", "0", "11", "no number", "7.5"):
+        assert log_lines(server, f"refused on_scale: Scale must be a whole number from 1 to 10, got {shown}\n") == 1
+    log = Path(server.log.name).read_text()
+    assert "Traceback" not in log and "ComponentProcessingError" not in log
+
+
+def test_the_api_refuses_what_it_would_change_with_the_pages_words(server):
+    from gradio_client import Client
+
+    client = Client(server.url, verbose=False)
+    args = list(generate_args())
+    for index, value, message in ((2, "abc", f"Seed must be a whole number {SEED_RANGE}, got 'abc'"),
+                                  (2, 2.5, f"Seed must be a whole number {SEED_RANGE}, got 2.5"),
+                                  (6, 2.5, "Images must be a whole number from 1 to 4, got 2.5"),
+                                  (4, 2.5, "top-k must be a whole number from 0 to 32, got 2.5")):
+        with pytest.raises(Exception, match=re.escape(message)):
+            client.predict(*args[:index], value, *args[index + 1:], api_name="/generate")
+    generation = client.predict(*generate_args(seed=2**53 - 1), api_name="/generate")[2]
+    assert generation["seed"] == 2**53 - 1  # the seed used is the seed sent
+    with pytest.raises(Exception, match=re.escape("Scale must be a whole number from 1 to 10, got 2.5")):
+        client.predict(generation["generation_id"], 2.5, 0, 0, 1, api_name="/attention")
+    client.close()
+    log = Path(server.log.name).read_text()
+    assert "refused generate: Seed must be" in log and "refused attention: Scale must be" in log
+    assert "Traceback" not in log and "ComponentProcessingError" not in log
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop: every generation of this server is held before its 7th frame (MVAR's scale 4) until a file exists
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def held_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("held")
+    app = AppServer(folder, hold=(folder / "go", 6))
+    app.go = folder / "go"
+    yield app
+    app.stop()
+
+
+def sources(page, selector: str) -> list:
+    return [img.get_attribute("src") for img in page.locator(f"{selector} img").all()]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_browser_stop_names_where_it_stopped_and_shows_the_previous_result_whole(held_server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser, page = open_page(playwright, held_server.url, 1400, 1800)
+        held_server.go.touch()  # the first generation runs through
+        page.locator("#images").get_by_text("4", exact=True).click()
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text("done: 4 images of 'class-0'").wait_for(timeout=300_000)
+        before = {name: sources(page, name) for name in ("#mvar-image", "#var-image", "#mvar-gallery",
+                                                         "#var-gallery", "#mvar-strip", "#var-strip")}
+        downloads = page.locator("#downloads").inner_text()
+        held_server.go.unlink()  # the next one is held at MVAR's scale 4, streaming
+        page.locator("#examples").get_by_text("class-5", exact=True).click()  # another class
+        wait_until(page, lambda: page.locator("#class input").input_value() == "class-5", "the example's class")
+        page.get_by_role("button", name="Generate").click()
+        page.locator("#status").get_by_text("scale 3 of 10 (3x3)").wait_for(timeout=300_000)
+        assert sources(page, "#mvar-image") != before["#mvar-image"]  # the new run's preview was shown
+        with page.expect_response(lambda response: "/gradio_api/run/" in response.url):  # Stop is done
+            page.get_by_role("button", name="Stop").click()
+        held_server.go.touch()  # the run goes on to its next frame, and finds Stop pressed
+        page.locator("#status").get_by_text("Stopped at scale").wait_for(timeout=300_000)
+        status = page.locator("#status").inner_text()
+        assert status.startswith("Stopped at scale 3 of 10 (3x3). The page shows the previous result: done: 4 "
+                                 "images of 'class-0'"), status
+        after = {name: sources(page, name) for name in before}
+        assert after == before  # images, galleries and filmstrips: all the previous result, none of the new run
+        assert page.locator("#downloads").inner_text() == downloads
+        assert page.locator("#scale-slider input[type='number']").input_value() == "10"
+        assert page.locator("#mvar-image [data-testid='block-label']").inner_text() == "MVAR, scale 10 of 10 (16x16)"
+        set_number(page, "#scale-slider", 3)  # the slider steps through what is shown
+        page.get_by_text("MVAR, scale 3 of 10 (3x3)").first.wait_for(timeout=60_000)
+        assert sources(page, "#mvar-gallery") == before["#mvar-gallery"] and no_error_badges(page)
+        browser.close()
+    log = Path(held_server.log.name).read_text()
+    assert "Traceback" not in log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,10 +564,11 @@ def test_image_files_are_written_once_atomically_and_downloads_go_with_their_rec
     store = GenerationStore(budget_bytes=10**9, on_forget=files.forget)
     token = store.put("alice", fake_record(1, 10))
     paths = files.downloads(token, {"mvar-c-seed1.png": image})
-    assert Path(paths[0]).exists() and files.download_folders() == [token]
+    downloads = tmp_path / "files" / "downloads"
+    assert Path(paths[0]).exists() and [p.name for p in downloads.iterdir()] == [token]
     store.drop_session("alice")  # the page closed: its downloads go with its record
-    assert files.download_folders() == [] and not Path(paths[0]).exists()
+    assert not any(downloads.iterdir()) and not Path(paths[0]).exists()
     newer = store.put("bob", fake_record(2, 10))
     files.downloads(newer, {"a.png": image})
     store.put("bob", fake_record(3, 10))  # bob's next generation replaces the record, and its files
-    assert newer not in files.download_folders()
+    assert newer not in [p.name for p in downloads.iterdir()]

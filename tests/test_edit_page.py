@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.policy import MAX_UPLOAD_BYTES
+from app.work.editing import MAX_UPLOAD_BYTES
 
 from .app_server import CHROMIUM, AppServer, open_page
 
@@ -72,8 +72,10 @@ def finish(page, previous: str | None) -> str:
 
 
 def test_an_edit_of_a_dataset_sample_by_both_models_and_stepping_through_it(page):
-    page.locator("#edit-sample").click()
-    page.get_by_text("dataset sample val #0").wait_for(timeout=60_000)
+    page.locator("#edit-sample").click()  # the first of the interleaved samples, credited beside the image
+    page.locator("#edit-source-note").get_by_text("dataset sample smiley face 1 (Fluent 3D)").wait_for(
+        timeout=60_000)
+    assert "Fluent Emoji 3D, © Microsoft Corporation (MIT)" in page.locator("#edit-source-note").inner_text()
     page.locator("#edit-pyramid img").nth(9).wait_for(timeout=60_000)  # the pyramid: ten reconstructions
     assert "scale 3 of 10 (3x3):" in page.locator("#edit-pyramid").inner_text()
     assert " dB" in page.locator("#edit-pyramid").inner_text()
@@ -82,7 +84,7 @@ def test_an_edit_of_a_dataset_sample_by_both_models_and_stepping_through_it(page
     page.locator("#edit-mask-centre").click()
     page.wait_for_timeout(1000)
     done = finish(page, None)
-    assert "done: MVAR and VAR edits of dataset sample val #0" in done
+    assert "done: MVAR and VAR edits of dataset sample smiley face 1 (Fluent 3D)" in done
     assert "64 of 256 tokens sampled at the last scale" in done  # the centre half of the side: 8x8 of 16x16
     mvar_src, var_src = image_src(page, "edit-mvar-image"), image_src(page, "edit-var-image")
     assert mvar_src and var_src and mvar_src != var_src  # both images, and they differ
@@ -97,6 +99,12 @@ def test_an_edit_of_a_dataset_sample_by_both_models_and_stepping_through_it(page
     wait_until(page, lambda: image_src(page, "edit-mvar-image") != mvar_src, "the scale-3 preview")
     wait_until(page, lambda: label_of(page, "edit-var-image") == "VAR baseline, scale 3 of 10 (3x3)", "its label")
     assert status(page) == done  # nothing ran again
+    shown = image_src(page, "edit-mvar-image")
+    for value, message in (("5.5", "got 5.5"), ("11", "got 11"), ("", "got no number")):  # no dead end
+        number.fill(value)
+        page.locator(".toast-body").get_by_text(f"Scale must be a whole number from 1 to 10, {message}").first.wait_for(
+            timeout=60_000)
+        assert image_src(page, "edit-mvar-image") == shown and page.get_by_text("Error", exact=True).count() == 0
     # a painted mask: clear, then a brush stroke across the middle of the image, MVAR only
     page.locator("#edit-mask-clear").click()
     page.wait_for_timeout(1000)

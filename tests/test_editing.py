@@ -1,6 +1,6 @@
-"""The Edit tab's handlers (app/editing.py) on tiny random models: source images and their notes, masks from
-the painter and the presets, refusals in the widgets' words, the streamed edit against mvar.edit.edit, stepping,
-the pyramid, and the tasks."""
+"""The Edit tab's model work (app/work/editing.py) and views (app/edit.py) on tiny random models: source images
+and their notes, the dataset samples, masks from the painter and the presets, refusals in the widgets' words,
+the streamed edit against mvar.edit.edit, stepping, the pyramid, and the tasks."""
 
 from __future__ import annotations
 
@@ -12,20 +12,25 @@ import pytest
 import torch
 from PIL import Image
 
-from app import editing, plots
-from app.handlers import UserError
-from app.policy import MAX_UPLOAD_BYTES, GenerationStore, record_bytes
+from app import edit as edit_tab
+from app import plots
+from app.dataset_samples import SHIPPED
+from app.store import GenerationStore, record_bytes
 from app.tasks import model_tasks
+from app.work import editing
+from app.work.editing import MAX_UPLOAD_BYTES
+from app.work.settings import UserError
 from app.zerogpu import GpuTasks
 from mvar.config import VAR_MODE
 from mvar.edit import edit, image_pyramid, outpaint_mask
 from mvar.tokenizer import to_uint8
-from train import embedded_data
 
-from .conftest import registry_of
+from .conftest import fake_spaces, registry_of
+from .test_app import frames_of
 
 SIZE = 64  # the tiny tokenizer's image size
-CANVAS = editing.CANVAS
+CANVAS = edit_tab.CANVAS
+SAMPLE = "clock 2 (Twemoji)"  # a dataset sample: 64 px, like the tiny models' images
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,7 @@ def models(registry):
 
 @pytest.fixture(scope="module")
 def source():
-    return editing.dataset_image(3, SIZE)
+    return editing.dataset_image(SAMPLE, SIZE)
 
 
 def painted(mask: np.ndarray, color=(255, 255, 255), alpha: int = 190) -> dict:
@@ -63,22 +68,40 @@ def centre_square(size: int = SIZE, side: int = 32) -> np.ndarray:
 # ----- source images -----------------------------------------------------------------------------
 
 
-def test_a_dataset_sample_is_the_embedded_val_image_used_as_it_is(source):
-    image, label = embedded_data.sample("val", 3)
-    assert np.array_equal(source.pixels, image) and source.label == label
-    assert source.note == "" and source.origin == f"dataset sample val #3 ({embedded_data.CLASS_NAMES[label]!r})"
+def test_a_dataset_sample_is_the_assets_cell_used_as_it_is_with_its_credit(source):
+    sample = SHIPPED.sample(SAMPLE)
+    assert np.array_equal(source.pixels, SHIPPED.image(sample)) and source.class_name == "clock"
+    assert source.note == "" and source.origin == (
+        "dataset sample clock 2 (Twemoji): the five-thirty emoji, Twemoji graphics by Twitter, Inc. and other "
+        "contributors (CC BY 4.0)")
     assert source.describe().endswith(": 64x64, used as it is.")
-    bigger = editing.dataset_image(3, 128)  # a 128 px model: resized, and the page says so
+    bigger = editing.dataset_image(SAMPLE, 128)  # a 128 px model: resized, and the page says so
     assert bigger.pixels.shape == (128, 128, 3) and bigger.note == "resized from 64x64 to 128x128"
+    with pytest.raises(UserError, match=r"^Dataset sample must be one of the 36 in the list, got 'sun 1'"):
+        editing.dataset_image("sun 1", SIZE)
 
 
-def test_the_dataset_label_sets_the_class_only_for_a_model_that_has_it(models, source):
-    assert editing.source_label(models, source) is None  # the tiny model's classes are class-0 ... class-11
+def test_the_dataset_samples_are_named_and_credited_cell_by_cell():
+    names = SHIPPED.names()
+    assert len(names) == 36 and len(set(names)) == 36 and names[3] == "heart 1 (Fluent Color)"
+    interleaved = SHIPPED.interleaved()  # the "Sample from the dataset" button: one class after another
+    assert sorted(interleaved) == sorted(names) and interleaved[:2] == ["smiley face 1 (Fluent 3D)",
+                                                                       "heart 1 (Fluent Color)"]
+    for sample in SHIPPED.samples:
+        assert SHIPPED.image(sample).shape == (64, 64, 3) and sample.credit in sample.describe()
+        if sample.style == "twemoji":  # CC BY: the credit goes with the image
+            assert "Twemoji graphics by Twitter, Inc. and other contributors" in sample.describe()
+    cells = [SHIPPED.image(SHIPPED.sample(name)) for name in names[:3]]
+    assert not np.array_equal(cells[0], cells[1])  # each name its own cell
+
+
+def test_the_dataset_class_sets_the_class_only_for_a_model_that_has_it(models, source):
+    assert editing.source_class(models, source) is None  # the tiny model's classes are class-0 ... class-11
 
     class Named:
-        class_names = list(embedded_data.CLASS_NAMES)
+        class_names = ["smiley face", "clock"]
 
-    assert editing.source_label(Named, source) == embedded_data.CLASS_NAMES[source.label]
+    assert editing.source_class(Named, source) == "clock"
 
 
 def test_an_upload_of_any_size_aspect_and_mode_is_fitted_and_the_page_says_how(tmp_path):
@@ -125,7 +148,7 @@ def test_a_file_that_is_not_an_image_gets_a_message_naming_it(tmp_path):
 
 
 def test_the_canvas_shows_the_models_input_with_crisp_tokens(source):
-    canvas = editing.canvas_image(source)
+    canvas = edit_tab.canvas_image(source)
     assert canvas.shape == (CANVAS, CANVAS, 3)
     factor = CANVAS // SIZE
     assert np.array_equal(canvas[::factor, ::factor], source.pixels)  # nearest: every pixel a 6x6 block
@@ -159,13 +182,14 @@ def test_presets_paint_the_centre_the_border_or_everything_and_read_back_exactly
     assert np.array_equal(border, outpaint_mask(SIZE, (16, 16, 48, 48)).numpy()) and np.array_equal(border, ~centre)
     assert editing.preset_mask("everything", SIZE).all() and not editing.preset_mask("clear", SIZE).any()
     for mask in (centre, border, editing.preset_mask("centre", SIZE, 20)):
-        layer = editing.mask_layer(mask)
-        assert layer.shape == (CANVAS, CANVAS, 4) and set(np.unique(layer[..., 3])) == {0, editing.PAINT[3]}
+        layer = edit_tab.mask_layer(mask)
+        assert layer.shape == (CANVAS, CANVAS, 4) and set(np.unique(layer[..., 3])) == {0, edit_tab.PAINT[3]}
         value = {"background": None, "layers": [Image.fromarray(layer, "RGBA")], "composite": None}
         assert np.array_equal(editing.painted_mask(value, SIZE), mask)
-    with pytest.raises(UserError, match=r"Preset box side \(20 to 80 % of the image\) must be a whole number from "
-                                        r"20 to 80, got 95"):
+    with pytest.raises(UserError, match=r"^Preset box side must be a whole number from 20 to 80, got 95$"):
         editing.preset_mask("centre", SIZE, 95)
+    with pytest.raises(UserError, match=r"^Preset box side must be a whole number from 20 to 80, got 52.5$"):
+        editing.preset_mask("centre", SIZE, 52.5)  # refused, not rounded
 
 
 # ----- the request -------------------------------------------------------------------------------
@@ -209,6 +233,10 @@ def test_requests_are_checked_in_the_widgets_words(models, source):
         request(models, source, seed=-1)
     with pytest.raises(UserError, match=r"^Final blend must be on or off"):
         request(models, source, blend="yes")
+    with pytest.raises(UserError, match=r"^Seed must be a whole number from 0 to 2\^53 - 1 \(\d+\), got 1.5"):
+        request(models, source, seed=1.5)  # refused, not rounded
+    with pytest.raises(UserError, match=r"^Keep the first N scales must be a whole number from 0 to 9, got 2.5"):
+        request(models, source, keep=2.5)
     wanted = request(models, source, keep=2.0, seed="7")  # a slider's float and a box's text are fine
     assert wanted.keep_scales == 2 and wanted.seed == 7 and wanted.models == ("MVAR", "VAR")
     assert wanted.regenerated[-1] == 8 * 8  # the centre 32 px of 64: 8x8 of the 16x16 last tokens
@@ -216,7 +244,7 @@ def test_requests_are_checked_in_the_widgets_words(models, source):
 
 def test_the_regenerated_view_tints_exactly_the_mask(source):
     mask = centre_square()
-    view = editing.regenerated_view(source, mask)
+    view = edit_tab.regenerated_view(source, mask)
     assert np.array_equal(view[~mask], source.pixels[~mask]) and not np.array_equal(view[mask], source.pixels[mask])
     expected = (0.45 * source.pixels[mask].astype(float) + 0.55 * np.array([230, 40, 40])).round()
     assert np.array_equal(view[mask], expected.astype(np.uint8))  # towards red, the image still visible
@@ -256,7 +284,8 @@ def test_the_edit_streams_a_frame_per_scale_per_model_and_is_the_librarys_edit(m
         assert np.array_equal(run.previews[0][-1], to_uint8(expected.unblended)[0])
     assert not np.array_equal(record.final("MVAR"), record.final("VAR"))  # two models, two results
     done = frames[-1].status
-    assert "done: MVAR and VAR edits of dataset sample val \\#3" in done and "under 'class-2', seed 5" in done
+    assert "done: MVAR and VAR edits of dataset sample clock 2 (Twemoji): the five-thirty emoji, Twemoji graphics" \
+        in done and "under 'class-2', seed 5" in done
     assert "64 of 256 tokens sampled at the last scale" in done and "final blend on" in done
 
 
@@ -266,7 +295,7 @@ def test_one_model_only_and_no_blend(models, source):
     record = frames[-1].record
     assert list(record.runs) == ["VAR"] and record.final("MVAR") is None
     assert np.array_equal(record.final("VAR"), record.runs["VAR"].previews[0][-1])  # no blend: the decode itself
-    strips = editing.edit_filmstrips(record, 4)
+    strips = edit_tab.edit_filmstrips(record, record.scale(4))
     assert strips["MVAR"] is None and strips["VAR"].current == 3 and strips["VAR"].labels[3] == "4: 4x4"
     assert "final blend off" in frames[-1].status and "done: VAR edit of" in frames[-1].status
     with pytest.raises(UserError, match="load an image and paint a mask first"):
@@ -275,31 +304,28 @@ def test_one_model_only_and_no_blend(models, source):
 
 def test_the_scale_slider_reshows_the_stored_edit(both_frames):
     record = both_frames[-1].record
-    view = editing.edit_view(record, 3)
+    view = record.images(record.scale(3))
     assert view["MVAR"] is record.runs["MVAR"].previews[0][2] and view["VAR"] is record.runs["VAR"].previews[0][2]
-    last = editing.edit_view(record, 10.0)
+    last = record.images(record.scale(10.0))
     assert last["MVAR"] is record.final("MVAR")  # the last scale shows the final (blended) image
-    assert editing.edit_label(record, "VAR", 2) == "VAR baseline, scale 3 of 10 (3x3)"
-    assert editing.edit_label(record, "MVAR", 9) == "MVAR, scale 10 of 10 (16x16), blended"
-    strips = editing.edit_filmstrips(record, 6)
+    assert edit_tab.edit_label(record, "VAR", 2) == "VAR baseline, scale 3 of 10 (3x3)"
+    assert edit_tab.edit_label(record, "MVAR", 9) == "MVAR, scale 10 of 10 (16x16), blended"
+    strips = edit_tab.edit_filmstrips(record, 5)
     assert strips["MVAR"].current == 5 and len(strips["MVAR"].frames) == 10
     assert strips["MVAR"].frames[-1] is record.final("MVAR") and strips["MVAR"].frames[2] is view["MVAR"]
     image = plots.filmstrip(strips["MVAR"].frames, strips["MVAR"].labels, strips["MVAR"].current)
     assert image.shape[0] > 200 and (image[..., 0] > 200).sum() > 100
-    with pytest.raises(UserError, match=r"^Scale must be a whole number from 1 to 10, got 0"):
-        editing.edit_view(record, 0)
-    with pytest.raises(UserError, match="run an edit first"):
-        editing.edit_view(None, 3)
+    for bad in (0, 11, 5.5, None, "abc"):  # the slider's box: refused in its label's words, never rounded
+        with pytest.raises(UserError, match=r"^Scale must be a whole number from 1 to 10, got "):
+            record.scale(bad)
 
 
 def test_edits_share_the_store_without_replacing_the_sessions_generation(both_frames, registry):
-    from app.handlers import generate_frames
-
     record = both_frames[-1].record
     size = record_bytes(record)
     previews = sum(i.nbytes for run in record.runs.values() for i in run.previews[0])
     assert size == previews + 2 * 64 * 64 * 3  # the previews and the two final images
-    generation = list(generate_frames(registry, "tiny", "class-1", 1, 1.0, 10, 0.95, False, 1, "fp32"))[-1].record
+    generation = list(frames_of(registry, top_k=10, top_p=0.95))[-1].record
     store = GenerationStore(budget_bytes=10**9)
     token = store.put("alice", generation)
     edit_token = store.put("alice:edit", record)
@@ -330,16 +356,14 @@ def test_the_pyramid_has_a_reconstruction_and_psnr_per_scale(models, source):
 
 
 def test_the_tasks_run_the_edit_and_the_pyramid_also_across_a_zerogpu_boundary(registry, models, source):
-    from .test_devices import fake_spaces
-
     wanted = request(models, source, mode="MVAR only", keep=2)
-    direct = model_tasks(registry, GpuTasks(), 4)
+    direct = model_tasks(registry, GpuTasks())
     frames = list(direct.edit("tiny", wanted))
     assert len(frames) == 11 and list(frames[-1].record.runs) == ["MVAR"]
     assert frames[-1].record.model_key == "tiny" and "first 2 scales kept whole" in frames[-1].status
     assert direct.pyramid("tiny", source).captions[0].startswith("scale 1 of 10 (1x1): ")
     calls = []
-    zerogpu = model_tasks(registry, GpuTasks(fake_spaces(calls)), 4)  # arguments and results pickled across
+    zerogpu = model_tasks(registry, GpuTasks(fake_spaces(calls)))  # arguments and results pickled across
     crossed = list(zerogpu.edit("tiny", wanted))
     assert ("decorated", "edit", 60) in calls and ("call", "edit") in calls and len(crossed) == 11
     assert np.array_equal(crossed[-1].record.final("MVAR"), frames[-1].record.final("MVAR"))

@@ -24,8 +24,12 @@ import torch
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from app import handlers
+from app import attention
 from app.registry import ModelEntry, ModelRegistry
+from app.work import costs, statistics
+from app.work.generation import GenerationRecord, generate_frames
+from app.work.models import load_models
+from app.work.settings import CFG_MAX, MAX_IMAGES, SEED_MAX, UserError, parse_settings
 from mvar.config import MVAR_MODE, VAR_MODE
 from mvar.memory import MemoryJob, measure
 from mvar.sampling import SEED_MODULUS, SamplingConfig, filter_logits, generate, generate_steps, normalize_seed
@@ -322,7 +326,7 @@ def test_measure_needs_a_positive_timeout_and_starts_nothing_otherwise(timeout):
 
 
 # ---------------------------------------------------------------------------------------------
-# The app's handlers
+# The app's model work and views
 # ---------------------------------------------------------------------------------------------
 
 
@@ -332,14 +336,20 @@ def registry():
     return ModelRegistry(None, assets_dir="/nonexistent", extra=[ModelEntry("tiny", "tiny", "random", "tiny", "tiny")])
 
 
+def frames_of(registry, model_key="tiny", **values):
+    """The page's path: parse once (a UserError before any work), then generate."""
+    models = load_models(registry, model_key)
+    return generate_frames(models, model_key, parse_settings(models, **(VALID_SETTINGS | values)))
+
+
 @pytest.fixture(scope="module")
 def record(registry):
-    frames = list(handlers.generate_frames(registry, "tiny", "class 3", 7, 1.5, 0, 0.9, False, 2, "fp32"))
+    frames = list(frames_of(registry, num_images=2))
     return frames[-1].record
 
 
 VALID_SETTINGS = dict(class_name="class 3", seed=7, cfg=1.5, top_k=0, top_p=0.9, smooth=False, num_images=1,
-                      precision="fp32")
+                      precision="fp32", kernel="7", refine_step=8)
 WORDS = dict(class_name="Class", seed="Seed", cfg="CFG", top_k="top-k", top_p="top-p", smooth="Gumbel smoothing",
              num_images="Images", precision="Precision")
 WILD_SETTINGS = dict(
@@ -350,7 +360,7 @@ WILD_SETTINGS = dict(
     top_k=valid_or(st.one_of(st.integers(0, VOCAB), st.sampled_from([3.0, "5", VOCAB + 1, 2.5]))),
     top_p=valid_or(st.one_of(st.floats(0.01, 1), st.sampled_from([1, "0.5", 0, 1.0000001]))),
     smooth=valid_or(st.sampled_from([True, False, np.bool_(True), "no", 0, 1])),
-    num_images=valid_or(st.sampled_from([1, 2, 2.0, "1", 0, handlers.MAX_IMAGES + 1, 1.5])),
+    num_images=valid_or(st.sampled_from([1, 2, 2.0, "1", 0, MAX_IMAGES + 1, 1.5])),
     precision=st.sampled_from(["fp32", "bf16", "fp16", "FP32", "int8", "", None, 3]),
 )
 
@@ -386,12 +396,12 @@ def _real_in(value, low, high, low_open=False) -> bool:
 
 SETTING_RULES = dict(
     class_name=lambda v: isinstance(v, str) and v in [f"class {i}" for i in range(NUM_CLASSES)],
-    seed=lambda v: _whole_in(v, 0, 2**63 - 1),
-    cfg=lambda v: _real_in(v, 0, handlers.CFG_MAX),
+    seed=lambda v: _whole_in(v, 0, SEED_MAX),
+    cfg=lambda v: _real_in(v, 0, CFG_MAX),
     top_k=lambda v: _whole_in(v, 0, VOCAB),
     top_p=lambda v: _real_in(v, 0, 1, low_open=True),
     smooth=lambda v: isinstance(v, bool),
-    num_images=lambda v: _whole_in(v, 1, handlers.MAX_IMAGES),
+    num_images=lambda v: _whole_in(v, 1, MAX_IMAGES),
     precision=lambda v: v in ("fp32", "bf16", "fp16"),
 )
 
@@ -403,18 +413,18 @@ def test_generate_frames_runs_exactly_the_valid_settings_and_names_the_bad_one(r
     values = VALID_SETTINGS | {name: data.draw(WILD_SETTINGS[name], label=name) for name in sorted(wild)}
     bad = [name for name in sorted(wild) if not SETTING_RULES[name](values[name])]
     if bad:
-        with pytest.raises(handlers.UserError) as err:
-            handlers.generate_frames(registry, "tiny", **values)  # refused before any work
+        with pytest.raises(UserError) as err:
+            frames_of(registry, **values)  # refused before any work
         names_one_of(str(err.value), [WORDS[name] for name in bad])
         return
-    frames = list(handlers.generate_frames(registry, "tiny", **values))
+    frames = list(frames_of(registry, **values))
     assert len(frames) == 2 * 10 + 1 and frames[-1].record is not None
     assert frames[0].var_image is None  # MVAR's first scale comes first
     for frame in frames[1:]:
         uint8_image_ok(frame.mvar_image)
         uint8_image_ok(frame.var_image)
     runs = frames[-1].record.runs
-    assert 1 <= len(runs["MVAR"].finals) == len(runs["VAR"].finals) <= handlers.MAX_IMAGES
+    assert 1 <= len(runs["MVAR"].finals) == len(runs["VAR"].finals) <= MAX_IMAGES
 
 
 @QUICK
@@ -422,8 +432,8 @@ def test_generate_frames_runs_exactly_the_valid_settings_and_names_the_bad_one(r
 def test_unknown_models_are_user_errors(registry, model_key):
     if model_key == "tiny":
         return  # the one valid key: covered above
-    with pytest.raises(handlers.UserError, match="model|Model"):
-        handlers.generate_frames(registry, model_key, **VALID_SETTINGS)
+    with pytest.raises(UserError, match="model|Model"):
+        frames_of(registry, model_key)
 
 
 @QUICK
@@ -432,10 +442,10 @@ def test_the_image_limit_is_configurable(registry, num_images, max_images):
     values = VALID_SETTINGS | dict(num_images=num_images)
     models = registry.load("tiny")
     if 1 <= num_images <= max_images:
-        assert handlers.parse_settings(models, **values, max_images=max_images).num_images == num_images
+        assert parse_settings(models, **values, max_images=max_images).num_images == num_images
     else:
-        with pytest.raises(handlers.UserError, match=f"Images must be a whole number from 1 to {max_images}"):
-            handlers.parse_settings(models, **values, max_images=max_images)
+        with pytest.raises(UserError, match=f"Images must be a whole number from 1 to {max_images}"):
+            parse_settings(models, **values, max_images=max_images)
 
 
 scale_values = valid_or(st.one_of(st.integers(-2, 11), st.sampled_from([3.0, "4", 9.5])))
@@ -443,14 +453,16 @@ scale_values = valid_or(st.one_of(st.integers(-2, 11), st.sampled_from([3.0, "4"
 
 @QUICK
 @given(scale=scale_values)
-def test_scale_view_gives_two_previews_exactly_for_the_scales_shown(record, scale):
+def test_the_scale_box_gives_a_scale_exactly_for_the_scales_shown(record, scale):
     if _whole_in(scale, 1, 10):
-        mvar, var = handlers.scale_view(record, scale)
-        uint8_image_ok(mvar)
-        uint8_image_ok(var)
+        assert record.scale(scale) == int(float(scale)) - 1
+        images = record.runs["MVAR"].previews[0][record.scale(scale)], record.runs["VAR"].previews[0][
+            record.scale(scale)]
+        for image in images:
+            uint8_image_ok(image)
     else:
-        with pytest.raises(handlers.UserError) as err:
-            handlers.scale_view(record, scale)
+        with pytest.raises(UserError) as err:
+            record.scale(scale)
         names_one_of(str(err.value), ["Scale"])
 
 
@@ -463,8 +475,8 @@ def test_scale_view_gives_two_previews_exactly_for_the_scales_shown(record, scal
 @example(scale=1, layer="1", head="0", row=0, col=0)
 def test_attention_view_gives_a_view_or_a_user_error(record, scale, layer, head, row, col):
     try:
-        view = handlers.attention_view(record, scale, layer, head, row, col)
-    except handlers.UserError as err:
+        view = attention.attention_view(record, scale, layer, head, row, col)
+    except UserError as err:
         names_one_of(str(err), ["Scale", "Layer", "Head", "Token"])
         return
     uint8_image_ok(view.mvar_preview)
@@ -476,13 +488,10 @@ def test_attention_view_gives_a_view_or_a_user_error(record, scale, layer, head,
 @QUICK
 @given(bad=st.one_of(junk, any_ints, st.just({"runs": {}})))
 def test_views_without_a_record_ask_for_a_generation(bad):
-    if bad is None:
-        assert handlers.scale_view(None, 1) == (None, None)
-        return
-    for call in (lambda: handlers.scale_view(bad, 1), lambda: handlers.attention_view(bad, 1, "mean", "mean", 0, 0),
-                 lambda: handlers.token_from_click(bad, 1, 1, 1, 384), lambda: handlers.final_images(bad),
-                 lambda: handlers.filmstrips(bad)):
-        with pytest.raises(handlers.UserError, match="generate an image first"):
+    assert not isinstance(bad, GenerationRecord)
+    for call in (lambda: attention.attention_view(bad, 1, "mean", "mean", 0, 0),
+                 lambda: attention.token_from_click(bad, 1, 1, 1, 384)):
+        with pytest.raises(UserError, match="generate an image first"):
             call()
 
 
@@ -491,8 +500,8 @@ def test_views_without_a_record_ask_for_a_generation(bad):
        size=valid_or(st.sampled_from([384, 320, 1, 0, -5, 384.0, "384", 10**9])))
 def test_token_from_click_gives_a_cell_of_the_grid_or_a_user_error(record, scale, x, y, size):
     try:
-        row, col = handlers.token_from_click(record, scale, x, y, size)
-    except handlers.UserError as err:
+        row, col = attention.token_from_click(record, scale, x, y, size)
+    except UserError as err:
         names_one_of(str(err), ["Scale", "click", "displayed image"])
         return
     side = record.patch_nums[int(float(scale)) - 1]
@@ -505,8 +514,8 @@ def test_token_from_click_gives_a_cell_of_the_grid_or_a_user_error(record, scale
 def test_attention_statistics_gives_statistics_or_a_user_error(registry, samples, seed):
     models = registry.load("tiny")
     try:
-        stats = handlers.attention_statistics(models, samples, seed)
-    except handlers.UserError as err:
+        stats = statistics.attention_statistics(models, samples, seed)
+    except UserError as err:
         names_one_of(str(err), ["Samples", "Seed"])
         return
     assert np.isfinite(stats.mass_by_distance).all()
@@ -521,11 +530,11 @@ dtype_names = st.sampled_from(["fp32", "bf16", "fp16", "float32", "int8", "", No
 def test_per_scale_costs_give_finite_numbers_or_a_user_error(registry, record, batch, dtype, with_record):
     rec = {"record": record, "junk": "junk", None: None}[with_record]
     try:
-        costs = handlers.per_scale_costs(registry.load("tiny"), rec, batch, dtype)
-    except handlers.UserError as err:
+        figures = costs.per_scale_costs(registry.load("tiny"), rec, batch, dtype)
+    except UserError as err:
         names_one_of(str(err), ["batch", "dtype", "generate an image first"])
         return
-    for per_model in (costs["kv_cache_mib"], costs["attention_mflops"]):
+    for per_model in (figures["kv_cache_mib"], figures["attention_mflops"]):
         assert all(len(v) == 10 and all(math.isfinite(x) and x >= 0 for x in v) for v in per_model.values())
 
 
@@ -534,8 +543,8 @@ def test_per_scale_costs_give_finite_numbers_or_a_user_error(registry, record, b
 def test_analytic_memory_gives_positive_sizes_or_a_user_error(registry, batches, dtype):
     cfg = registry.load("tiny").transformer.cfg
     try:
-        memory = handlers.analytic_memory_mib(cfg, MVAR_MODE, batches, dtype)
-    except handlers.UserError as err:
+        memory = costs.analytic_memory_mib(cfg, MVAR_MODE, batches, dtype)
+    except UserError as err:
         names_one_of(str(err), ["Batch size", "batch size", "dtype"])
         return
     assert memory and all(math.isfinite(v) and v > 0 for v in memory.values())
@@ -548,11 +557,11 @@ def test_memory_measurements_check_their_batches_before_starting(registry, batch
     models.cache.clear()
     with mock.patch("mvar.memory.measure", return_value={"peak_bytes": 2**20}) as measure:
         try:
-            measured = handlers.measured_memory_mib(models, batches, dtype)
-        except handlers.UserError as err:
+            measured = costs.measured_memory_mib(models, batches, dtype)
+        except UserError as err:
             names_one_of(str(err), ["Batch size", "batch size", "Precision"])
             measure.assert_not_called()
             return
     asked = {int(float(b)) for b in batches}
     assert all(set(measured[name]) == asked for name in ("VAR", "MVAR"))
-    assert all(1 <= job.args[0].batch <= handlers.MAX_MEASURED_BATCH for job in measure.call_args_list)
+    assert all(1 <= job.args[0].batch <= costs.MAX_MEASURED_BATCH for job in measure.call_args_list)

@@ -23,6 +23,7 @@ EXPECTED = {  # hardware: (suggested_hardware, python_version, torch lines)
     "zerogpu": ("zero-a10g", "3.10.13", ["torch==2.8.0"]),
 }
 DEFAULT_MODELS = [f"{n}.{s}" for n in ("tokenizer", "mvar", "var") for s in ("safetensors", "json")]
+DATASET_SAMPLES = ["dataset_samples.png", "dataset_samples.json"]
 
 
 def metadata(folder: Path) -> dict:
@@ -66,18 +67,20 @@ def test_the_space_folder_for_each_hardware(hardware, tmp_path):
     assert set(ours) <= set(lines) and "huggingface_hub" in lines
     assert [line for line in lines if line.startswith("torch")] == torch_lines[-1:]
     assert "spaces" not in lines  # ZeroGPU preinstalls it; elsewhere the app runs without it
-    # the code and the default models, byte for byte; nothing else of the repository
+    # the code (subfolders too), the default models and the Edit tab's samples, byte for byte; nothing else
     for folder in ("mvar", "app"):
-        sources = sorted(p.name for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".json"))
-        assert sorted(p.name for p in (out / folder).iterdir()) == sources
-        assert all((out / folder / n).read_bytes() == (ROOT / folder / n).read_bytes() for n in sources)
-    assert sorted(p.name for p in (out / "assets").iterdir()) == sorted(DEFAULT_MODELS)
-    assert all((out / "assets" / n).read_bytes() == (ROOT / "assets" / n).read_bytes() for n in DEFAULT_MODELS)
+        sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*")
+                         if p.suffix in (".py", ".json") and "__pycache__" not in p.parts)
+        copied = sorted(str(p.relative_to(out)) for p in (out / folder).rglob("*") if p.is_file())
+        assert copied == sources
+        assert all((out / n).read_bytes() == (ROOT / n).read_bytes() for n in sources)
+    assert (out / "app" / "work" / "settings.py").is_file()  # the app's subfolder came along
+    shipped = sorted(DEFAULT_MODELS + DATASET_SAMPLES)
+    assert sorted(p.name for p in (out / "assets").iterdir()) == shipped
+    assert all((out / "assets" / n).read_bytes() == (ROOT / "assets" / n).read_bytes() for n in shipped)
     assert (out / "app.py").read_bytes() == (ROOT / "app.py").read_bytes()
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["__init__.py", "embedded_data.py"]
-    assert (out / "train" / "embedded_data.py").read_bytes() == (ROOT / "train" / "embedded_data.py").read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".gitattributes", "README.md", "app", "app.py", "assets", "mvar", "requirements.txt", "train"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # no train/: the app never imports it
+        [".gitattributes", "README.md", "app", "app.py", "assets", "mvar", "requirements.txt"])
     assert "*.safetensors filter=lfs" in (out / ".gitattributes").read_text()  # the Hub refuses plain binaries
 
 
@@ -94,9 +97,11 @@ import app.registry
 registry = app.registry.ModelRegistry(args.models_dir, allow_download=args.download)
 entries = registry.entries()
 models = registry.load(entries[0].key)
+from app.work.editing import dataset_image
+sample = dataset_image("heart 2 (Fluent Flat)", 64)  # the Edit tab's samples, from the copy's assets
 print(json.dumps({"registry": app.registry.__file__, "models_dir": str(registry.models_dir),
                   "entries": [[e.key, e.source] for e in entries], "mvar_label": models.mvar_label,
-                  "baseline_note": models.baseline_note}))
+                  "baseline_note": models.baseline_note, "sample": [list(sample.pixels.shape), sample.origin]}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MVAR_", "PYTHON", "GRADIO_"))}
     env.update(SPACE_ID="someone/mvar-studio", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
@@ -111,6 +116,8 @@ print(json.dumps({"registry": app.registry.__file__, "models_dir": str(registry.
     assert ["mvar-d16+var-d16", "hub"] in found["entries"] and ["var-d30", "hub"] in found["entries"]
     assert found["mvar_label"].startswith("MVAR: mvar.safetensors, trained with MVAR attention")
     assert found["baseline_note"].endswith("was fine-tuned from it")
+    assert found["sample"] == [[64, 64, 3], "dataset sample heart 2 (Fluent Flat): the grey heart emoji, "
+                                            "Fluent Emoji Flat, © Microsoft Corporation (MIT)"]
 
 
 def test_a_non_empty_folder_is_refused_unless_forced(tmp_path):

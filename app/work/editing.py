@@ -1,6 +1,6 @@
-"""The Edit tab's handlers: plain functions from widget values to data (images, masks, records, text).
+"""The Edit tab's model work: plain values in, data out (images, masks, records, text); no Gradio.
 
-An edit starts from a **source image**: a sample of the default models' embedded dataset, or an upload
+An edit starts from a **source image**: one of the dataset samples (``app/dataset_samples.py``), or an upload
 of any size, aspect ratio or mode (``mvar.edit.prepare_image`` fits it to the model and says what it
 did). The mask is painted on it in the page's image editor: the painted layers' alpha, any colour
 (white paint = regenerate), or one of the presets (centre, border = out-painting, everything =
@@ -9,7 +9,7 @@ baseline side by side on the same input, one scale of each in turn, and is kept 
 :class:`EditRecord` (per-scale previews and the final images), so the Scale slider re-shows it
 without recomputing.
 
-Bad input is a :class:`~app.handlers.UserError` in the widgets' words: no image yet, a file that is
+Bad input is a :class:`~app.work.settings.UserError` in the widgets' words: no image yet, a file that is
 not an image or is over the upload limit, an empty or too small mask ("nothing to edit").
 """
 
@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from mvar.config import VAR_MODE
+from mvar.devices import DTYPES, dtype_of
 from mvar.edit import (
     blend,
     edit_steps,
@@ -39,28 +40,17 @@ from mvar.edit import (
 from mvar.sampling import SamplingConfig, decode_to_unit
 from mvar.tokenizer import to_uint8
 
-from .handlers import (
-    PRECISIONS,
-    Filmstrip,
-    ModelRun,
-    UserError,
-    _choice,
-    _milliseconds,
-    _whole,
-    check_seed,
-    default_precision,
-    scale_name,
-)
-from .policy import MAX_UPLOAD_BYTES
-from .registry import LoadedModels
+from ..dataset_samples import SHIPPED, DatasetSamples
+from ..registry import LoadedModels
+from .generation import ModelRun, milliseconds, scale_name
+from .settings import SEED, Choice, UserError, Whole, default_precision, flag, scale_field
 
-CANVAS = 384  # pixels of the mask painter's canvas: the image is shown at this size (tokens stay crisp)
-DATASET_SPLIT = "val"  # the dataset samples come from the split the models never trained on
+MAX_UPLOAD_BYTES = 20 * 2**20  # an uploaded image larger than this is refused
+NO_IMAGE = "load an image first: pick a dataset sample or upload an image"
 BOTH = "MVAR and VAR side by side"
 MODE_CHOICES = {BOTH: ("MVAR", "VAR"), "MVAR only": ("MVAR",), "VAR only": ("VAR",)}
 PRESETS = ("centre", "border", "everything", "clear")
-PAINT = (255, 255, 255, 190)  # the presets' paint: white, a little transparent so the image shows through
-BOX_MIN, BOX_MAX = 20, 80  # the preset box's side, in % of the image
+BOX = Whole("Preset box side", 20, 80)  # the centre box's side, in % of the image
 
 
 class NothingToEdit(UserError):
@@ -77,9 +67,9 @@ class SourceImage:
     """What the tab edits: the model's input and where it came from."""
 
     pixels: np.ndarray  # (S, S, 3) uint8: exactly what the model encodes
-    origin: str  # "dataset sample val #3 ('sun')" or the uploaded file's name
+    origin: str  # "dataset sample heart 2 (Fluent Flat): the grey heart emoji, <credit>" or the file's name
     note: str  # what was done to fit the model ("" when nothing)
-    label: int | None = None  # the dataset class of a dataset sample
+    class_name: str | None = None  # the class of a dataset sample
 
     @property
     def size(self) -> int:
@@ -95,23 +85,17 @@ def markdown_text(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]<>#|~" else ch for ch in text)
 
 
-def _prepared(image: Image.Image, size: int, origin: str, label: int | None = None) -> SourceImage:
+def _prepared(image: Image.Image, size: int, origin: str, class_name: str | None = None) -> SourceImage:
     prepared = prepare_image(image, size)
     pixels = to_uint8(prepared.pixels[None])[0]
-    return SourceImage(pixels, origin, prepared.note, label)
+    return SourceImage(pixels, origin, prepared.note, class_name)
 
 
-def dataset_image(index, size: int) -> SourceImage:
-    """Sample ``index`` of the embedded dataset's validation split, fitted to the model (``size`` px)."""
-    index = _whole("dataset index", index, 0, 10**9)
-    try:
-        from train import embedded_data
-    except ImportError:
-        raise UserError("the dataset samples need the project's train/ folder, which this installation lacks: "
-                        "upload an image instead") from None
-    image, label = embedded_data.sample(DATASET_SPLIT, index)
-    origin = f"dataset sample {DATASET_SPLIT} #{index} ({embedded_data.CLASS_NAMES[label]!r})"
-    return _prepared(Image.fromarray(image), size, origin, label)
+def dataset_image(name, size: int, samples: DatasetSamples = SHIPPED) -> SourceImage:
+    """The dataset sample of this name ("heart 2 (Fluent Flat)"), fitted to the model (``size`` px)."""
+    name = Choice("Dataset sample", tuple(samples.names())).parse(name)
+    sample = samples.sample(name)
+    return _prepared(Image.fromarray(samples.image(sample)), size, sample.describe(), sample.class_name)
 
 
 def _file_size(count: int) -> str:
@@ -144,33 +128,14 @@ def refit(source: SourceImage, size: int) -> SourceImage:
         return source
     prepared = prepare_image(Image.fromarray(source.pixels), size)
     note = "; ".join(n for n in (source.note, prepared.note) if n)
-    return SourceImage(to_uint8(prepared.pixels[None])[0], source.origin, note, source.label)
+    return SourceImage(to_uint8(prepared.pixels[None])[0], source.origin, note, source.class_name)
 
 
-def canvas_image(source: SourceImage, canvas: int = CANVAS) -> np.ndarray:
-    """The source shown for painting: ``canvas`` pixels square; nearest-neighbour when the factor is whole."""
-    image = Image.fromarray(source.pixels)
-    resample = Image.Resampling.NEAREST if canvas % source.size == 0 else Image.Resampling.BICUBIC
-    return np.asarray(image.resize((canvas, canvas), resample))
-
-
-def editor_value(source: SourceImage, files, layer: np.ndarray | None = None) -> dict:
-    """The image editor's value: the source as the background, one paint layer (or none), as PNG files."""
-    background = files.shown(canvas_image(source))
-    return {"background": background, "layers": [] if layer is None else [files.shown(layer)],
-            "composite": None if layer is not None else background}
-
-
-def source_label(models: LoadedModels, source: SourceImage | None) -> str | None:
-    """The class of a dataset sample, by name, if this model has it (the default models do)."""
-    if source is None or source.label is None:
+def source_class(models: LoadedModels, source: SourceImage | None) -> str | None:
+    """The class of a dataset sample, if this model has it (the default models do)."""
+    if source is None or source.class_name not in models.class_names:
         return None
-    try:
-        from train.embedded_data import CLASS_NAMES
-    except ImportError:
-        return None
-    name = CLASS_NAMES[source.label]
-    return name if name in models.class_names else None
+    return source.class_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +144,7 @@ def source_label(models: LoadedModels, source: SourceImage | None) -> str | None
 
 
 def _box(size: int, percent) -> tuple[int, int, int, int]:
-    percent = _whole(f"Preset box side ({BOX_MIN} to {BOX_MAX} % of the image)", percent, BOX_MIN, BOX_MAX)
+    percent = BOX.parse(percent)
     side = max(1, round(size * percent / 100))
     start = (size - side) // 2
     return start, start, start + side, start + side
@@ -188,23 +153,13 @@ def _box(size: int, percent) -> tuple[int, int, int, int]:
 def preset_mask(kind: str, size: int, percent=50) -> np.ndarray:
     """A preset mask (True = regenerate) at the model's ``size``: the centre box, the border around it
     (out-painting: the centre box is kept, ``mvar.edit.outpaint_mask``), everything, or nothing."""
-    kind = _choice("preset", kind, PRESETS)
+    kind = Choice("preset", PRESETS).parse(kind)
     if kind == "everything":
         return np.ones((size, size), bool)
     if kind == "clear":
         return np.zeros((size, size), bool)
     border = outpaint_mask(size, _box(size, percent)).numpy()
     return border if kind == "border" else ~border
-
-
-def mask_layer(mask: np.ndarray, canvas: int = CANVAS) -> np.ndarray:
-    """A mask as the editor's paint layer: (canvas, canvas, 4) RGBA, painted where True, clear elsewhere."""
-    size = mask.shape[0]
-    picked = (np.arange(canvas) * size // canvas).clip(0, size - 1)
-    inside = mask[picked][:, picked]
-    layer = np.zeros((canvas, canvas, 4), np.uint8)
-    layer[inside] = PAINT
-    return layer
 
 
 def _alpha(layer) -> np.ndarray:
@@ -255,27 +210,23 @@ class EditRequest:
     note: str  # "" or what kind of edit this is (plain generation, variation)
 
 
-KEEP = "Keep the first N scales"
-
-
-def keep_label(num_scales: int) -> str:
-    return f"{KEEP} (0 to {num_scales - 1}): the image's own coarse layout, new detail on top"
+def keep_field(num_scales: int) -> Whole:
+    return Whole("Keep the first N scales", 0, num_scales - 1)
 
 
 def parse_edit(models: LoadedModels, source, editor, class_name, seed, mode, keep_scales,
                final_blend) -> EditRequest:
     """Widget values -> an EditRequest, or a UserError (NothingToEdit for an empty or too small mask)."""
     if not isinstance(source, SourceImage):
-        raise UserError("load an image first: press **Sample from the dataset** or **Upload an image**")
+        raise UserError(NO_IMAGE)
     size = models.tokenizer.cfg.image_size
     source = refit(source, size)
-    class_name = _choice("Class", class_name, models.class_names)
-    seed = check_seed(seed)
-    mode = _choice("Models", mode, list(MODE_CHOICES))
+    class_name = Choice("Class", tuple(models.class_names)).parse(class_name)
+    seed = SEED.parse(seed)
+    mode = Choice("Models", tuple(MODE_CHOICES)).parse(mode)
     patch_nums = models.transformer.cfg.patch_nums
-    keep_scales = _whole(KEEP, keep_scales, 0, len(patch_nums) - 1)
-    if not isinstance(final_blend, bool):
-        raise UserError(f"Final blend must be on or off, got {final_blend!r}")
+    keep_scales = keep_field(len(patch_nums)).parse(keep_scales)
+    final_blend = flag("Final blend", final_blend)
     mask = painted_mask(editor, size)
     if not mask.any():
         raise NothingToEdit("nothing to edit: the mask is empty. Paint the region to regenerate in white, or "
@@ -295,14 +246,6 @@ def parse_edit(models: LoadedModels, source, editor, class_name, seed, mode, kee
                        keep_scales, final_blend, regenerated, note)
 
 
-def regenerated_view(source: SourceImage, mask: np.ndarray) -> np.ndarray:
-    """The source with the regenerated pixels tinted (for the page: what the edit changes)."""
-    image = source.pixels.astype(np.float32)
-    tint = np.array([230, 40, 40], np.float32)
-    image[mask] = 0.45 * image[mask] + 0.55 * tint
-    return image.round().astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
 # Running an edit
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +262,7 @@ class EditRecord:
     labels: dict[str, str] = field(default_factory=dict)  # what each column runs
     precision: str = "fp32"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    shown_scale: int | None = None  # the scale the page shows (0-based; None: the last)
 
     @property
     def num_scales(self) -> int:
@@ -327,6 +271,15 @@ class EditRecord:
     def final(self, name: str) -> np.ndarray | None:
         run = self.runs.get(name)
         return run.finals[0] if run and run.finals else None
+
+    def scale(self, value) -> int:
+        """The tab's 1-based Scale -> a 0-based scale index, or a UserError in the slider's words."""
+        return scale_field(self.num_scales).parse(value) - 1
+
+    def images(self, scale: int) -> dict[str, np.ndarray]:
+        """Each model's stored image at a scale (0-based; the final image, blended if asked, at the last)."""
+        last = scale == self.num_scales - 1
+        return {name: self.final(name) if last else run.previews[0][scale] for name, run in self.runs.items()}
 
 
 @dataclass
@@ -352,8 +305,8 @@ def edit_frames(models: LoadedModels, model_key: str, request: EditRequest, prec
     """Run the request's models scale by scale, alternating, and yield a frame after each scale of each."""
     if not isinstance(request, EditRequest):
         raise UserError("load an image and paint a mask first")
-    precision = default_precision(models, list(precisions) if precisions is not None else list(PRECISIONS))
-    dtype = PRECISIONS[precision]
+    precision = default_precision(models, tuple(precisions or DTYPES))
+    dtype = dtype_of(precision)
     tokenizer, mvar_transformer, var_transformer = models.in_precision(dtype)
     source = refit(request.source, tokenizer.cfg.image_size)
     pixels = torch.from_numpy(source.pixels).permute(2, 0, 1).float().div(255)
@@ -379,7 +332,7 @@ def edit_frames(models: LoadedModels, model_key: str, request: EditRequest, prec
             if scale == num_scales - 1:
                 run.finals = [_final(tokenizer, step.f_hat, plan) if request.final_blend else image]
             latest[name] = image
-            times = ", ".join(f"{n} {_milliseconds(r.seconds)}" for n, r in runs.items())
+            times = ", ".join(f"{n} {milliseconds(r.seconds)}" for n, r in runs.items())
             yield EditFrame(dict(latest), scale, f"{scale_name(scale, num_scales, side)}: "
                                                  f"{_tokens_line(request, scale, side)}  |  {times} (generation alone)")
     yield EditFrame({name: record.final(name) for name in runs}, num_scales - 1, done_status(record), record)
@@ -402,56 +355,13 @@ def done_status(record: EditRecord) -> str:
     blended = ("final blend on: outside the mask the pixels are the tokenizer's reconstruction of the image"
                if request.final_blend else "final blend off: every pixel is the generation's own")
     sampling = record.sampling
-    times = ", ".join(f"{n} {_milliseconds(r.seconds)}" for n, r in record.runs.items())
+    times = ", ".join(f"{n} {milliseconds(r.seconds)}" for n, r in record.runs.items())
     origin = markdown_text(request.source.origin)
     return ((f"{request.note}  \n" if request.note else "")
             + f"done: {names} edit{'s' if len(record.runs) > 1 else ''} of {origin} under "
             f"{request.class_name!r}, seed {request.seed}; {kept}{request.regenerated[-1]} of {side * side} tokens "
             f"sampled at the last scale; {blended}. Sampling: CFG {sampling.cfg:g}, top-k {sampling.top_k}, "
             f"top-p {sampling.top_p:g}, {record.precision}  |  generation alone: {times}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Stepping through a kept edit
-# ---------------------------------------------------------------------------------------------
-
-
-def _edit_record(record) -> EditRecord:
-    if not isinstance(record, EditRecord):
-        raise UserError("run an edit first")
-    return record
-
-
-def check_edit_scale(record: EditRecord, scale) -> int:
-    """The tab's 1-based Scale widget -> a 0-based scale index."""
-    return _whole("Scale", scale, 1, _edit_record(record).num_scales) - 1
-
-
-def edit_view(record: EditRecord, scale) -> dict[str, np.ndarray]:
-    """Each model's stored image at a scale (the final image, blended if asked, at the last): no recomputation."""
-    scale = check_edit_scale(record, scale)
-    last = scale == record.num_scales - 1
-    return {name: record.final(name) if last else run.previews[0][scale] for name, run in record.runs.items()}
-
-
-def edit_label(record: EditRecord, name: str, scale: int) -> str:
-    """The image's label: its column, the scale, and whether the final image is blended."""
-    column = "MVAR" if name == "MVAR" else "VAR baseline"
-    label = f"{column}, {scale_name(scale, record.num_scales, record.patch_nums[scale])}"
-    if scale == record.num_scales - 1 and record.request.final_blend:
-        label += ", blended"
-    return label
-
-
-def edit_filmstrips(record: EditRecord, scale=None) -> dict[str, Filmstrip | None]:
-    """Per model (None for a model that did not run) its frames, scale by scale, the current one framed."""
-    record = _edit_record(record)
-    current = record.num_scales - 1 if scale is None else check_edit_scale(record, scale)
-    names = [f"{s + 1}: {p}x{p}" for s, p in enumerate(record.patch_nums)]
-    out: dict[str, Filmstrip | None] = {"MVAR": None, "VAR": None}
-    for name, run in record.runs.items():
-        out[name] = Filmstrip([*run.previews[0][:-1], record.final(name)], names, current)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +385,7 @@ def _decibels(value: float) -> str:
 
 def pyramid_view(models: LoadedModels, source: SourceImage) -> PyramidView:
     if not isinstance(source, SourceImage):
-        raise UserError("load an image first: press **Sample from the dataset** or **Upload an image**")
+        raise UserError(NO_IMAGE)
     tokenizer = models.tokenizer
     source = refit(source, tokenizer.cfg.image_size)
     pixels = torch.from_numpy(source.pixels).permute(2, 0, 1).float().div(255)
