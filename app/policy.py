@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import gradio as gr
 import torch
 
+from mvar import ranges
+
 from .work.settings import UserError
 
 log = logging.getLogger("mvar_studio")
@@ -47,8 +49,10 @@ class ServerLimits:
             raise ValueError(f"--time-limit must be positive seconds, got {self.time_limit!r}")
         if not (isinstance(self.keep_mib, int | float) and self.keep_mib >= 0):
             raise ValueError(f"--keep-mib must be >= 0, got {self.keep_mib!r}")
-        if not (isinstance(self.max_images, int) and not isinstance(self.max_images, bool) and self.max_images >= 1):
-            raise ValueError(f"max_images must be a whole number >= 1, got {self.max_images!r}")
+        if not (isinstance(self.max_images, int) and not isinstance(self.max_images, bool)
+                and ranges.IMAGES_MIN <= self.max_images <= ranges.MAX_BATCH):
+            raise ValueError(f"max_images must be a whole number from {ranges.IMAGES_MIN} to {ranges.MAX_BATCH}, "
+                             f"got {self.max_images!r}")
 
 
 class StopRequests:

@@ -9,8 +9,8 @@ A refusal is a :class:`UserError` in the label's words; nothing is ever rounded 
   where a whole number belongs, an out-of-range value and None are refused ("got no number");
 * through the API a value may also be a string: "12" is read as 12, "abc" is refused as 'abc'.
 
-Ranges come from the library where it has one (the vocabulary for top-k, the scales for the refine step
-and the scale, top-p's (0, 1]); the page's own limits are the constants below.
+Ranges come from the library's ``mvar/ranges.py`` (the sampler checks against the same); the page's own
+limits are the constants below: the seed's top (what a browser carries exactly) and the images per request.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from mvar import checks
+from mvar import checks, ranges
 from mvar.config import AttentionMode
 from mvar.devices import DTYPES
 from mvar.sampling import SamplingConfig
 
-# The page's own limits (the library has none of these):
-SEED_MAX = 2**53 - 1  # a browser's number carries every integer up to 2^53 exactly; past it seeds would change
+# The page's own limits, within the library's ranges:
+SEED_MAX = 2**53 - 1  # of the library's 0..2^63 - 1: a browser's number carries every integer up to 2^53 exactly
 SEED_MAX_TEXT = "2^53 - 1"
-CFG_MAX = 10.0  # the sampler takes more; past 10 the images saturate
-MAX_IMAGES = 4  # images per generation, unless the server is started with another limit
+CFG_MAX = ranges.CFG_MAX
+MAX_IMAGES = 4  # images per generation, unless the server is started with another limit (at most MAX_BATCH)
 FULL_WINDOW = "full"  # the Window k choice that turns spatial windows off
 BF16_MIN_PARAMETERS = 100_000_000  # below this bf16 buys nothing on a CPU (measured: the default models)
 
@@ -154,21 +154,21 @@ def flag(name: str, value) -> bool:
     raise UserError(f"{name} must be on or off, got {shown(value, 'nothing')}")
 
 
-SEED = Whole("Seed", 0, SEED_MAX, SEED_MAX_TEXT)
-CFG = Real("CFG", 0.0, CFG_MAX)
-TOP_P = Real("top-p", 0.0, 1.0, low_open=True)
+SEED = Whole("Seed", ranges.SEED_MIN, SEED_MAX, SEED_MAX_TEXT)
+CFG = Real("CFG", ranges.CFG_MIN, ranges.CFG_MAX)
+TOP_P = Real("top-p", ranges.TOP_P_MIN, ranges.TOP_P_MAX, low_open=True)
 
 
 def top_k_field(vocab_size: int) -> Whole:
-    return Whole("top-k", 0, vocab_size)  # the sampler's own range: 0 (off) to the vocabulary
+    return Whole("top-k", ranges.TOP_K_MIN, ranges.top_k_max(vocab_size))
 
 
 def images_field(max_images: int) -> Whole:
-    return Whole("Images", 1, max_images)
+    return Whole("Images", ranges.IMAGES_MIN, max_images)
 
 
 def refine_field(num_scales: int) -> Whole:
-    return Whole("Refine step", 0, num_scales)  # refine step = number of scales: no window anywhere
+    return Whole("Refine step", ranges.REFINE_STEP_MIN, ranges.refine_step_max(num_scales))
 
 
 def scale_field(num_scales: int) -> Whole:
@@ -176,8 +176,8 @@ def scale_field(num_scales: int) -> Whole:
 
 
 def kernel_choices(patch_nums) -> list[str]:
-    """MVAR's window sizes for a model: odd k up to the largest grid's side, and "full" (no windows)."""
-    return [str(k) for k in range(1, patch_nums[-1] + 1, 2)] + [FULL_WINDOW]
+    """MVAR's window sizes for a model (``ranges.kernel_sizes``), and "full" (no windows)."""
+    return [str(k) for k in ranges.kernel_sizes(patch_nums[-1])] + [FULL_WINDOW]
 
 
 # ---------------------------------------------------------------------------------------------
