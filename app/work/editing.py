@@ -37,8 +37,8 @@ from mvar.edit import (
     prepare_mask,
     token_masks,
 )
-from mvar.sampling import SamplingConfig, decode_to_unit
-from mvar.tokenizer import to_uint8
+from mvar.sampling import SamplingConfig
+from mvar.tokenizer import decode_to_unit, to_uint8
 
 from ..dataset_samples import SHIPPED, DatasetSamples
 from ..registry import LoadedModels

@@ -18,7 +18,8 @@ import torch
 
 from mvar.config import VAR_MODE, AttentionMode
 from mvar.devices import dtype_of
-from mvar.sampling import decode_preview, decode_to_unit, generate_steps
+from mvar.previews import decode_previews
+from mvar.sampling import generate_steps
 from mvar.tokenizer import to_uint8
 
 from ..registry import LoadedModels
@@ -147,7 +148,7 @@ def generate_frames(models: LoadedModels, model_key: str, settings: Settings) ->
     latest, shown = {"MVAR": None, "VAR": None}, {}  # MVAR runs a scale before VAR does
     for scale in range(num_scales):
         for name, stream in streams.items():
-            latest[name] = _keep_step(runs[name], next(stream), tokenizer, scale == num_scales - 1)
+            latest[name] = _keep_step(runs[name], next(stream), tokenizer, dtype, scale == num_scales - 1)
             shown[name] = scale_name(scale, num_scales, patch_nums[scale])
             status = (f"{shown[name]}  |  MVAR {milliseconds(runs['MVAR'].seconds)}, "
                       f"VAR {milliseconds(runs['VAR'].seconds)} (generation alone)")
@@ -155,7 +156,7 @@ def generate_frames(models: LoadedModels, model_key: str, settings: Settings) ->
     yield Frame(latest["MVAR"], latest["VAR"], num_scales - 1, done_status(record), record, dict(shown))
 
 
-def _keep_step(run: ModelRun, step, tokenizer, last: bool) -> np.ndarray:
+def _keep_step(run: ModelRun, step, tokenizer, dtype, last: bool) -> np.ndarray:
     """Keep what one scale of one model produced; returns its preview of the sample shown."""
     image = to_uint8(step.preview)[0]
     run.previews[0].append(image)
@@ -165,8 +166,8 @@ def _keep_step(run: ModelRun, step, tokenizer, last: bool) -> np.ndarray:
     run.capture_seconds.append(step.capture_seconds)
     run.attention[0].append({layer: w[0].half().cpu() for layer, w in (step.attention or {}).items()})
     run.keys_begin.append(step.attention_keys_begin)
-    if last:  # the page streams the first image; the others are decoded at the end
-        rest = list(to_uint8(decode_to_unit(tokenizer, step.f_hat[1:]))) if step.f_hat.shape[0] > 1 else []
+    if last:  # the page streams the first image; the others are decoded at the end, as the stream decodes
+        rest = list(to_uint8(decode_previews(tokenizer, step.f_hat[1:], dtype))) if step.f_hat.shape[0] > 1 else []
         run.finals = [image, *rest]
     return image
 
@@ -178,16 +179,14 @@ def record_of(record) -> GenerationRecord:
 
 
 def sample_previews(models: LoadedModels, record: GenerationRecord, sample: int) -> dict[str, list]:
-    """One sample's (0-based) per-scale previews, decoded from the stored maps (cheap at the small scales)."""
-    tokenizer = models.tokenizer
+    """One sample's (0-based) per-scale previews, decoded from the stored maps as the stream decodes them
+    (``mvar.previews.decode_previews``, in the generation's precision)."""
+    dtype = dtype_of(record.settings.precision)
+    tokenizer = models.in_precision(dtype)[0]
     device = tokenizer.quant_conv.weight.device
-    out = {}
-    with torch.no_grad():
-        for name, run in record.runs.items():
-            out[name] = run.previews.get(sample) or [
-                to_uint8(decode_preview(tokenizer, f_hat[sample : sample + 1].to(device), side))[0]
-                for f_hat, side in zip(run.f_hats, record.patch_nums, strict=True)]
-    return out
+    return {name: run.previews.get(sample) or [
+        to_uint8(decode_previews(tokenizer, f_hat[sample : sample + 1].to(device), dtype))[0] for f_hat in run.f_hats]
+        for name, run in record.runs.items()}
 
 
 def sample_attention(models: LoadedModels, record: GenerationRecord, sample: int) -> dict[str, list]:
