@@ -22,7 +22,13 @@ Windowed attention has three implementations that agree to fp32 round-off:
   gather, so "auto" never picks it there; it is the independent check of our two backends.
 
 Tensors are (B, H, N, D) throughout: batch, heads, tokens (row-major over the grid), head dim.
-Run ``python -m mvar.attention`` for a timing table (dense, gather and, where importable, natten).
+
+Public API: ``window_starts``, ``neighborhood_indices`` and ``neighborhood_mask`` (one grid's windows, as
+key positions, key indices or a mask: the reference the tests hold the backends to);
+``block_causal_mask``, ``block_diagonal_mask`` and ``mvar_mask`` (the masks over the whole pyramid, which
+the app draws); ``dense_attention``, ``windowed_attention`` and their ``*_weights`` (the transformer's
+calls); ``resolve_backend`` and ``natten_available``. The timing table of the backends is part of the
+benchmark: ``python -m mvar.benchmark --measure attention``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import boolean, integer, positive_integers, real, shown
+from .checks import boolean, integer, real, shown
 from .schedule import ScaleSchedule
 
 BACKENDS: tuple[str, ...] = ("auto", "dense", "gather", "natten")
@@ -44,7 +50,7 @@ BACKENDS: tuple[str, ...] = ("auto", "dense", "gather", "natten")
 NATTEN_DEVICES: tuple[str, ...] = ("cuda", "cpu")
 
 # "auto" uses dense attention up to this many tokens per grid and the gather backend above it.
-# Measured on this project's 2-core AVX-512 CPU (B=2, H=16, D=64, k=7; `python -m mvar.attention`):
+# Measured on this project's 2-core AVX-512 CPU (B=2, H=16, D=64, k=7; the benchmark's attention table):
 # dense is ahead at 16x16, the two tie around 20x20, gather wins from 24x24 (~1.6x) and is ~4-7x
 # faster at 64x64. So MVAR's own 13x13 and 16x16 scales run dense on CPU.
 DENSE_MAX_TOKENS = 20 * 20
@@ -57,12 +63,6 @@ GATHER_TILE = (8, 8)
 # Upper bound on the elements one gather-backend chunk materialises (logits + key/value regions);
 # larger problems are cut along batch and heads. 2**25 fp32 elements is 128 MiB.
 GATHER_CHUNK_ELEMENTS = 2**25
-
-# The timing table (python -m mvar.attention) times natten up to 32x32 grids: NATTEN's CPU path
-# (flex attention without torch.compile, every query-key score evaluated) took ~30 ms per call at
-# 16x16, ~0.5 s at 32x32 and ~10 s at 64x64 (B=2, H=16, D=64, k=7, fp32, 2 cores), and the table
-# runs each backend 8 times per row.
-NATTEN_BENCHMARK_MAX_TOKENS = 32 * 32
 
 # Largest sequence the public mask builders materialise as an (L, L) bool matrix: 2**28 bytes is
 # 256 MiB. Beyond it a typo (a 10**5 grid) would exhaust memory instead of failing.
@@ -647,99 +647,3 @@ def windowed_attention_weights(
     weights = torch.softmax(logits, dim=-1)
     rows = weights.new_zeros(*weights.shape[:3], tokens)
     return rows.scatter_(-1, windows.expand(*weights.shape), weights)
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: python -m mvar.attention
-# ---------------------------------------------------------------------------------------------
-
-
-def _time_interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """(median, min) ms of each function, runs interleaved so load from elsewhere hits all alike."""
-    import statistics
-    import time
-
-    for fn in fns.values():
-        fn()  # warm-up: plan caches, allocator
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
-
-
-def benchmark_backends() -> tuple[str, ...]:
-    """The backends the timing table covers: dense and gather, and natten where it imports."""
-    return ("dense", "gather", "natten") if natten_available() else ("dense", "gather")
-
-
-def benchmark(
-    sides: tuple[int, ...] = (16, 20, 24, 32, 64),
-    batch: int = 2,
-    heads: int = 16,
-    head_dim: int = 64,
-    kernel_size: int = 7,
-    repeats: int = 7,
-    backends: tuple[str, ...] | None = None,
-    natten_max_tokens: int = NATTEN_BENCHMARK_MAX_TOKENS,
-) -> list[dict]:
-    """Forward time (median, min ms) of each backend (default :func:`benchmark_backends`), fp32 and
-    bf16, no grad, on CPU tensors. One row per grid and dtype: {"grid", "dtype", backend: (median, min)};
-    natten is timed only on grids of at most ``natten_max_tokens`` tokens (its row entry is absent above)."""
-    sides = positive_integers("sides", sides)
-    for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("repeats", repeats)):
-        integer(name, value, low=1)
-    _check_kernel_size(kernel_size)
-    integer("natten_max_tokens", natten_max_tokens, low=0)
-    backends = benchmark_backends() if backends is None else backends
-    for backend in backends:
-        if backend not in BACKENDS or backend == "auto":
-            raise ValueError(f"backends: {shown(backend)} is not one of dense, gather, natten")
-        resolve_backend(backend, "cpu", 1)  # natten where it is not installed: a clear error now
-    rows = []
-    generator = torch.Generator().manual_seed(0)
-    for side in sides:
-        tokens = side * side
-        for dtype in (torch.float32, torch.bfloat16):
-            # the transformer's layout: q, k, v are views of one (B, N, 3, H, D) projection
-            qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            fns = {
-                backend: functools.partial(windowed_attention, q, k, v, side, side, kernel_size, 1.0, backend)
-                for backend in backends
-                if backend != "natten" or tokens <= natten_max_tokens
-            }
-            with torch.no_grad():
-                times = _time_interleaved(fns, repeats if tokens <= 32 * 32 else max(3, repeats // 2))
-            rows.append({"grid": f"{side}x{side}", "dtype": str(dtype).removeprefix("torch."), **times})
-    return rows
-
-
-def format_table(rows: list[dict]) -> list[str]:
-    """The timing table as text lines: ms median (min) per backend, and each backend's time over
-    gather's; "-" where a backend was not timed on a grid."""
-    backends = [name for name in ("dense", "gather", "natten") if any(name in row for row in rows)]
-    ratios = [name for name in backends if name != "gather" and "gather" in backends]
-    lines = [f"{'grid':>7} {'dtype':>9}" + "".join(f" {name:>17}" for name in backends)
-             + "".join(f" {name + '/gather':>14}" for name in ratios)]
-    for row in rows:
-        cells = "".join(f" {row[name][0]:8.1f} ({row[name][1]:6.1f})" if name in row else f" {'-':>17}"
-                        for name in backends)
-        ratio = "".join(f" {row[name][0] / row['gather'][0]:13.2f}x" if name in row else f" {'-':>14}"
-                        for name in ratios)
-        lines.append(f"{row['grid']:>7} {row['dtype']:>9}{cells}{ratio}")
-    return lines
-
-
-if __name__ == "__main__":
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads; B=2 H=16 D=64 k=7; forward, no grad; ms median (min)")
-    if natten_available():
-        side = math.isqrt(NATTEN_BENCHMARK_MAX_TOKENS)
-        print(f"natten (NATTEN's CPU flex-attention path) is timed up to {side}x{side} only (~10 s a call at 64x64)")
-    else:
-        print("natten is not importable: no natten column (pip install natten==0.21.7)")
-    for line in format_table(benchmark()):
-        print(line)

@@ -11,12 +11,18 @@ the cost model's, the throughput achieved against a large matmul measured in the
 (in fresh subprocesses) peak memory of generation and of one training step. Official-size presets
 run with random weights: speed and memory do not depend on the values, and the output says so.
 Timings vary from run to run; the VAR/MVAR ratios are the point.
+
+``--measure attention`` prints the timing table of the windowed-attention backends instead (dense,
+gather and, where it imports, natten; forward, no grad, CPU tensors):
+
+    python -m mvar.benchmark --measure attention
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import statistics
@@ -26,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from .attention import resolve_backend
+from .attention import BACKENDS, natten_available, resolve_backend, windowed_attention
+from .checks import integer, positive_integers, shown
 from .config import AttentionMode
 from .costs import flop_counter, generation_cost, teacher_forced_flops
-from .devices import add_device_flag, describe_device, device_from_flag, synchronize
+from .devices import DTYPES, add_device_flag, describe_device, device_from_flag, synchronize
 from .memory import (
-    DTYPES,
     MemoryJob,
     benchmark_request,
     measure,
@@ -45,7 +51,13 @@ from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASUREMENTS = ("latency", "page", "memory", "flops", "train", "train-memory")
+MEASUREMENTS = ("latency", "page", "memory", "flops", "train", "train-memory")  # of models, per preset and batch
+TABLES = ("attention",)  # measured once, apart from the models
+
+# The attention table times natten up to 32x32 grids: NATTEN's CPU path (flex attention without
+# torch.compile, every query-key score evaluated) took ~30 ms per call at 16x16, ~0.5 s at 32x32 and
+# ~10 s at 64x64 (B=2, H=16, D=64, k=7, fp32, 2 cores), and the table runs each backend 8 times per row.
+NATTEN_BENCHMARK_MAX_TOKENS = 32 * 32
 
 
 @dataclass(frozen=True)
@@ -219,10 +231,14 @@ def batches_for(args, measurement: str) -> list[int]:
 
 def run(args) -> dict:
     device = torch.device(args.device)  # resolved by main
+    report = {"machine": machine_info(device), "configs": [], "notes": []}
+    if "attention" in args.measure:
+        report["attention"] = print_attention_table()
+    if not any(m in MEASUREMENTS for m in args.measure):
+        return report
     if "page" in args.measure:
         args.budgets = {}  # (preset, dtype, mode) -> the PreviewBudget its page-style runs share, as the app keeps one
-    report = {"machine": machine_info(device), "configs": [], "notes": []}
-    all_batches = sorted({b for m in args.measure for b in batches_for(args, m)})
+    all_batches = sorted({b for m in args.measure if m in MEASUREMENTS for b in batches_for(args, m)})
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         peak = matmul_peak_flops(dtype, device)
@@ -235,7 +251,7 @@ def run(args) -> dict:
             if models.random_weights:
                 report["notes"].append(f"{preset}: random weights (speed and memory do not depend on the values)")
             for batch in all_batches:
-                wanted = [m for m in args.measure if batch in batches_for(args, m)]
+                wanted = [m for m in args.measure if m in MEASUREMENTS and batch in batches_for(args, m)]
                 entry = measure_config(models, preset, batch, dtype_name, wanted, args, peak, reference)
                 report["configs"].append(entry)
                 print_entry(entry)
@@ -317,6 +333,102 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
         for name, mode in modes.items():
             entry["modes"][name]["train"] = training_steps(models, mode, batch, dtype_name, args.repeats)
     return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention backends' timing table (--measure attention)
+# ---------------------------------------------------------------------------------------------
+
+
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) ms of each function, runs interleaved so load from elsewhere hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up: plan caches, allocator
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def attention_backends() -> tuple[str, ...]:
+    """The backends the timing table covers: dense and gather, and natten where it imports."""
+    return ("dense", "gather", "natten") if natten_available() else ("dense", "gather")
+
+
+def time_attention(
+    sides: tuple[int, ...] = (16, 20, 24, 32, 64),
+    batch: int = 2,
+    heads: int = 16,
+    head_dim: int = 64,
+    kernel_size: int = 7,
+    repeats: int = 7,
+    backends: tuple[str, ...] | None = None,
+    natten_max_tokens: int = NATTEN_BENCHMARK_MAX_TOKENS,
+) -> list[dict]:
+    """Forward time (median, min ms) of each backend (default :func:`attention_backends`), fp32 and
+    bf16, no grad, on CPU tensors. One row per grid and dtype: {"grid", "dtype", backend: (median, min)};
+    natten is timed only on grids of at most ``natten_max_tokens`` tokens (its row entry is absent above)."""
+    sides = positive_integers("sides", sides)
+    for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("repeats", repeats),
+                        ("kernel_size", kernel_size)):
+        integer(name, value, low=1)
+    integer("natten_max_tokens", natten_max_tokens, low=0)
+    backends = attention_backends() if backends is None else backends
+    for backend in backends:
+        if backend not in BACKENDS or backend == "auto":
+            raise ValueError(f"backends: {shown(backend)} is not one of dense, gather, natten")
+        resolve_backend(backend, "cpu", 1)  # natten where it is not installed: a clear error now
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for side in sides:
+        tokens = side * side
+        for dtype in (torch.float32, torch.bfloat16):
+            # the transformer's layout: q, k, v are views of one (B, N, 3, H, D) projection
+            qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            fns = {
+                backend: functools.partial(windowed_attention, q, k, v, side, side, kernel_size, 1.0, backend)
+                for backend in backends
+                if backend != "natten" or tokens <= natten_max_tokens
+            }
+            with torch.no_grad():
+                times = _time_interleaved(fns, repeats if tokens <= 32 * 32 else max(3, repeats // 2))
+            rows.append({"grid": f"{side}x{side}", "dtype": str(dtype).removeprefix("torch."), **times})
+    return rows
+
+
+def attention_table(rows: list[dict]) -> list[str]:
+    """The timing table as text lines: ms median (min) per backend, and each backend's time over
+    gather's; "-" where a backend was not timed on a grid."""
+    backends = [name for name in ("dense", "gather", "natten") if any(name in row for row in rows)]
+    ratios = [name for name in backends if name != "gather" and "gather" in backends]
+    lines = [f"{'grid':>7} {'dtype':>9}" + "".join(f" {name:>17}" for name in backends)
+             + "".join(f" {name + '/gather':>14}" for name in ratios)]
+    for row in rows:
+        cells = "".join(f" {row[name][0]:8.1f} ({row[name][1]:6.1f})" if name in row else f" {'-':>17}"
+                        for name in backends)
+        ratio = "".join(f" {row[name][0] / row['gather'][0]:13.2f}x" if name in row else f" {'-':>14}"
+                        for name in ratios)
+        lines.append(f"{row['grid']:>7} {row['dtype']:>9}{cells}{ratio}")
+    return lines
+
+
+def print_attention_table() -> list[dict]:
+    """Time the backends with the table's defaults and print the table; returns its rows."""
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; B=2 H=16 D=64 k=7; forward, no grad; ms median (min)")
+    if natten_available():
+        side = math.isqrt(NATTEN_BENCHMARK_MAX_TOKENS)
+        print(f"natten (NATTEN's CPU flex-attention path) is timed up to {side}x{side} only (~10 s a call at 64x64)")
+    else:
+        print("natten is not importable: no natten column (pip install natten==0.21.7)")
+    rows = time_attention()
+    for line in attention_table(rows):
+        print(line, flush=True)
+    return rows
 
 
 def machine_info(device: torch.device | None = None) -> dict:
@@ -465,7 +577,9 @@ def main(argv=None) -> None:
     parser.add_argument("--png", action="store_true", help="also write the charts as PNG (needs kaleido and Chrome)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS))
+    parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS + TABLES, default=list(MEASUREMENTS),
+                        help="what to measure (default: every measurement of the models; 'attention': the "
+                             "attention backends' timing table)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--refine-step", type=int, default=8)
     parser.add_argument("--kernel-size", type=int, default=7)

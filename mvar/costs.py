@@ -19,17 +19,18 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from .checks import boolean, integer
 from .config import AttentionMode, TransformerConfig
-
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+from .devices import DTYPES
 
 
 def dtype_bytes(dtype) -> int:
-    if not isinstance(dtype, str | torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}")
-    name = str(dtype).replace("torch.", "")
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[name]
+    """Bytes per element of a precision: its name (fp32, bf16, fp16), its torch dtype, or that dtype's name
+    (float32, bfloat16, float16)."""
+    named = {**DTYPES, **{str(d).removeprefix("torch."): d for d in DTYPES.values()}}
+    if isinstance(dtype, str) and dtype in named:
+        return named[dtype].itemsize
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype.itemsize
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(named)}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Writing files so that a crash never leaves half a file under its final name."""
+"""Files: where the shipped models are, writing files so that a crash never leaves half a file under its
+final name, and a grid of images for one PNG."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # the default models, their cards, the pictures
 
 
 def atomic_write(path, write: Callable[[str], None], mode: int = 0o644) -> Path:
@@ -33,3 +38,15 @@ def atomic_write_bytes(path, data: bytes, mode: int = 0o644) -> Path:
         with open(tmp, "wb") as handle:
             handle.write(data)
     return atomic_write(path, write, mode)
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one grid image for a PNG, white padding between cells."""
+    count, height, width, _ = images.shape
+    rows = -(-count // columns)
+    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        top, left = pad + r * (height + pad), pad + c * (width + pad)
+        grid[top : top + height, left : left + width] = image
+    return grid

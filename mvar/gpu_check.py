@@ -37,8 +37,8 @@ import torch
 from .attention import natten_available, windowed_attention
 from .benchmark import load_models, one_generation
 from .config import VAR_MODE, AttentionMode
-from .devices import DEVICE_HELP, autocast_precisions, describe_device, resolve_device
-from .memory import DTYPES, MemoryJob, measure, measure_label
+from .devices import DEVICE_HELP, DTYPES, autocast_precisions, describe_device, resolve_device
+from .memory import MemoryJob, measure, measure_label
 from .sampling import SamplingConfig, generate_steps, set_precision
 
 ATTENTION_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}  # max |out - dense|, outputs of order 1

@@ -1,5 +1,10 @@
 """Measured peak memory of one generation or one training cycle, VAR or MVAR, in a fresh process.
 
+``measure(MemoryJob(...))`` runs the job in a fresh ``python -m mvar.memory_job`` and returns its report;
+the measuring itself is in ``memory_job.py``. Also here: the requests and models the benchmark shares
+with the job (``random_models``, ``benchmark_request``, ``training_setup``, ``trainer_iteration``) and
+``release_freed_memory``.
+
 On CPU each measurement runs in its own subprocess: it loads (or builds) the models, records its
 resident set size as the baseline, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``
 with 5), generates, and reports peak RSS minus the baseline. A fresh process per configuration
@@ -24,10 +29,9 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .devices import resolve_device
+from .devices import DTYPES, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What a measurement on each kind of device is, in the words the page and the reports use.
 MEASURED_AS = {"cuda": "GPU memory (CUDA allocator peak)", "cpu": "peak RSS above the weights"}
 
@@ -82,7 +86,7 @@ class MemoryJob:
         from .config import get_preset
 
         _one_of("mode", self.mode, ("var", "mvar"))
-        _one_of("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        _one_of("dtype", self.dtype, tuple(DTYPES))
         _one_of("task", self.task, ("generate", "train"))
         for name, low in (("batch", 1), ("refine_step", 0), ("kernel_size", 1), ("ratio_k", 1)):
             object.__setattr__(self, name, checks.integer(name, getattr(self, name), low=low))  # numpy ints -> JSON
@@ -106,17 +110,6 @@ class MemoryJob:
 def _one_of(name: str, value, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {checks.shown(value)}")
-
-
-def _read_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 @functools.cache
@@ -160,99 +153,13 @@ def trainer_iteration(model, tokenizer, tokens, labels, mode, first: int, last: 
     return training_step(model, batch, mode, first, last, optimizer, settings, scaler)
 
 
-def _build_models(job: MemoryJob, device: torch.device):
-    if job.preset:
-        return random_models(job.preset, device)
-    from .checkpoints import load_any
-
-    return (load_any(job.tokenizer, "tokenizer", device=device).model,
-            load_any(job.transformer, "transformer", device=device).model)
-
-
-def _start_measuring(device: torch.device) -> int:
-    if device.type == "cuda":  # the job's own GPU, which need not be the current one
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    release_freed_memory()
-    baseline = _read_status_kib("VmRSS") * 1024
-    _reset_peak_rss()
-    return baseline
-
-
-def _peak(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device),
-                "cuda allocator peak minus allocated before the measured work")
-    return _read_status_kib("VmHWM") * 1024, "peak RSS minus RSS before the measured work (fresh subprocess)"
-
-
-def run_training_job(job: MemoryJob) -> dict:
-    """Peak memory of one training iteration of every kind in the cycle (the largest counts), each
-    the trainer's own (``mvar.training.training_step``, teacher-forcing inputs included).
-
-    The baseline is taken after a warm-up cycle, so it holds the fp32 weights and AdamW's state
-    (the same for VAR and MVAR); the peak adds activations and gradients.
-    """
-    import time
-
-    from .config import AttentionMode
-
-    device = torch.device(job.device)
-    tokenizer, model = _build_models(job, device)
-    tokenizer.eval().requires_grad_(False)
-    model.train().requires_grad_(True)
-    optimizer, settings, scaler, tokens, labels = training_setup(model, tokenizer, job.batch, job.dtype)
-    mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
-    kinds = sorted(set(mode.training_cycle(model.schedule.num_scales, job.ratio_k)))
-    for first, last in kinds:  # warm-up: allocates AdamW's state
-        trainer_iteration(model, tokenizer, tokens, labels, mode, first, last, optimizer, settings, scaler)
-    baseline = _start_measuring(device)
-    started = time.perf_counter()
-    for first, last in kinds:
-        trainer_iteration(model, tokenizer, tokens, labels, mode, first, last, optimizer, settings, scaler)
-    peak, kind = _peak(device)
-    return {"job": asdict(job), "peak_bytes": peak - baseline, "baseline_bytes": baseline, "measure": kind,
-            "label": measure_label(device), "seconds": time.perf_counter() - started}
-
-
-def run_job(job: MemoryJob) -> dict:
-    """Run one measurement in this process (the subprocess side)."""
-    if job.task == "train":
-        return run_training_job(job)
-    from .config import AttentionMode
-    from .sampling import decode_to_unit, generate_steps, set_precision
-
-    device = torch.device(job.device)
-    tokenizer, transformer = _build_models(job, device)
-    tokenizer.eval().requires_grad_(False)
-    transformer.eval().requires_grad_(False)
-    mode = AttentionMode.var() if job.mode == "var" else AttentionMode.mvar(job.refine_step, job.kernel_size)
-    dtype = DTYPES[job.dtype]
-    set_precision(transformer, tokenizer, dtype)
-    labels, sampling = benchmark_request(transformer.cfg, job.batch, job.cfg)
-
-    baseline = _start_measuring(device)
-    steps = list(generate_steps(transformer, tokenizer, labels, 0, sampling, mode, max_batch=4096))
-    if job.decode:
-        decode_to_unit(tokenizer, steps[-1].f_hat)
-    peak, kind = _peak(device)
-    return {"job": asdict(job), "peak_bytes": peak - baseline, "baseline_bytes": baseline, "measure": kind,
-            "label": measure_label(device), "seconds": sum(s.seconds for s in steps)}
-
-
 def measure(job: MemoryJob, timeout: float = 1800) -> dict:
     """Run ``job`` in a fresh Python process and return its report; ``timeout`` in seconds (> 0)."""
     if not isinstance(job, MemoryJob):
         raise ValueError(f"job must be a MemoryJob, got {checks.shown(job)} ({type(job).__name__})")
     timeout = checks.real("timeout", timeout, 0, low_open=True)
-    result = subprocess.run([sys.executable, "-m", "mvar.memory", json.dumps(asdict(job))], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "mvar.memory_job", json.dumps(asdict(job))], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement failed: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-if __name__ == "__main__":
-    print(json.dumps(run_job(MemoryJob(**json.loads(sys.argv[1])))))

@@ -20,25 +20,11 @@ from PIL import Image
 
 from .checkpoints import CheckpointError, load_any
 from .config import AttentionMode, get_preset
-from .devices import add_device_flag, describe_device, device_from_flag
+from .devices import DTYPES, add_device_flag, describe_device, device_from_flag
+from .files import ASSETS, image_grid
 from .sampling import SamplingConfig, decode_to_unit, generate_steps
 from .tokenizer import MultiScaleVQVAE, to_uint8
 from .transformer import ScaleTransformer
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one grid image, white padding between cells."""
-    count, height, width, _ = images.shape
-    rows = -(-count // columns)
-    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        top, left = pad + r * (height + pad), pad + c * (width + pad)
-        grid[top : top + height, left : left + width] = image
-    return grid
 
 
 def load_models(args, device: torch.device) -> tuple[MultiScaleVQVAE, ScaleTransformer, dict]:

@@ -31,10 +31,10 @@ from PIL import Image
 
 from .checkpoints import OFFICIAL_SAMPLING, CheckpointError, load_any, official_name_of
 from .config import VAR_MODE, AttentionMode
-from .devices import DEVICE_HELP, distributed_device, resolve_device
+from .devices import DEVICE_HELP, DTYPES, distributed_device, resolve_device
+from .files import ASSETS, atomic_write, atomic_write_bytes
 from .sampling import SamplingConfig, decode_to_unit, generate_steps
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FALLBACK_SAMPLING = {"cfg": 1.5, "top_p": 0.96, "top_k": 900}  # VAR's README
 
 
@@ -76,10 +76,8 @@ def image_path(folder: Path, index: int) -> Path:
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
-    """Write through a temp name and rename: a killed run never leaves a half image under a final name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write atomically: a killed run never leaves a half image under a final name."""
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def missing_indices(folder: Path, settings: RunSettings, rank: int, world: int) -> list[int]:
@@ -97,10 +95,7 @@ def check_or_record_settings(out: Path, settings: RunSettings) -> None:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)} differ); use another "
                              "--out, or the same flags to resume it")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(wanted, indent=2))
-    os.replace(tmp, record)
+    atomic_write_bytes(record, json.dumps(wanted, indent=2).encode())
 
 
 def gather_npz(out: Path, settings: RunSettings) -> Path:
@@ -112,18 +107,17 @@ def gather_npz(out: Path, settings: RunSettings) -> Path:
                          "same command to draw them")
     images = np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(settings.total)])
     labels = np.array([settings.label(i) for i in range(settings.total)], dtype=np.int64)
-    target = out / "samples.npz"
-    tmp = out / ".samples.tmp.npz"
-    np.savez(tmp, arr_0=images, labels=labels)
-    os.replace(tmp, target)
-    return target
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a path without .npz would get one appended
+            np.savez(handle, arr_0=images, labels=labels)
+
+    return atomic_write(out / "samples.npz", write)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    assets = Path(__file__).resolve().parent.parent / "assets"
     parser = argparse.ArgumentParser(prog="python -m mvar.sample_fid", description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", default=str(assets / "tokenizer.safetensors"))
-    parser.add_argument("--transformer", default=str(assets / "mvar.safetensors"))
+    parser.add_argument("--tokenizer", default=str(ASSETS / "tokenizer.safetensors"))
+    parser.add_argument("--transformer", default=str(ASSETS / "mvar.safetensors"))
     parser.add_argument("--mode", choices=["var", "mvar"], default="mvar")
     parser.add_argument("--per-class", type=int, default=50, help="images per class (default 50, as for FID-50k)")
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: every class)")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import shown
+from .devices import DTYPES, dtype_of
 
 # Substrings of the parameter names VAR's and MVAR's train.py exempt from weight decay; besides
 # these, every 1-D tensor and every name ending in "bias" is exempt. In our model the keys match
@@ -31,7 +32,7 @@ from .checks import shown
 NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
                  "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 BETAS = (0.9, 0.95)  # AdamW's betas in VAR and MVAR
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(DTYPES)  # fp32, bf16, fp16
 LOSS_WEIGHTINGS = ("token", "mean")
 MAX_LOSS_SCALE = 2.0**15  # the official fp16 scaler never grows past this (fp16 overflows at 65504)
 
@@ -166,8 +167,7 @@ def autocast(device: torch.device, precision: str):
     """Autocast to bf16 or fp16 on the device; nothing for fp32."""
     if check_precision_name(precision) == "fp32":
         return torch.autocast(device_type=torch.device(device).type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype_of(precision))
 
 
 def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -519,24 +519,3 @@ def test_mvar_logits_with_natten_equal_dense(tiny_transformer, tiny_tokenizer, n
     # and the windows matter: VAR's logits on these scales are far from them
     var = tiny_transformer(labels, inputs, AttentionMode.var())
     assert (var - logits["natten"]).abs().max() > 1e-2
-
-
-@quiet_flex
-def test_timing_table_has_a_column_per_backend():
-    rows = A.benchmark(sides=(8, 9), batch=1, heads=2, head_dim=8, repeats=1, natten_max_tokens=64)
-    assert [(row["grid"], row["dtype"]) for row in rows] == [
-        ("8x8", "float32"), ("8x8", "bfloat16"), ("9x9", "float32"), ("9x9", "bfloat16")]
-    backends = ("dense", "gather", "natten") if A.natten_available() else ("dense", "gather")
-    assert A.benchmark_backends() == backends
-    for row in rows:
-        timed = backends if row["grid"] == "8x8" else ("dense", "gather")  # natten only up to 64 tokens
-        assert set(row) == {"grid", "dtype", *timed}
-        assert all(0 < row[name][1] <= row[name][0] for name in timed)  # min <= median
-    header, *lines = A.format_table(rows)
-    assert header.split() == ["grid", "dtype", *backends, *(f"{b}/gather" for b in backends if b != "gather")]
-    assert [line.split()[:2] for line in lines] == [["8x8", "float32"], ["8x8", "bfloat16"],
-                                                    ["9x9", "float32"], ["9x9", "bfloat16"]]
-    if A.natten_available():
-        assert lines[2].split()[-1] == "-" and "-" not in lines[0].split()
-    with pytest.raises(ValueError, match="backends"):
-        A.benchmark(sides=(8,), backends=("flash",))

@@ -1,5 +1,5 @@
-"""Zero-shot editing (mvar/edit.py): forced tokens, the final blend, seeds and batches, every kind of edit,
-bad images and masks, and the command line."""
+"""Zero-shot editing (mvar/editing.py): forced tokens, the final blend, seeds and batches, every kind of edit,
+bad images and masks, and the command line (mvar/edit.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from PIL import Image
 
 from mvar.checkpoints import save_model
 from mvar.config import MVAR_MODE, VAR_MODE, AttentionMode
-from mvar.edit import (
+from mvar.edit import main
+from mvar.editing import (
     NothingToEdit,
     edit,
     edit_steps,
     image_pyramid,
-    main,
     open_image,
     outpaint_mask,
     plan_edit,
