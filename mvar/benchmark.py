@@ -37,6 +37,7 @@ from .checks import integer, positive_integers, shown
 from .config import AttentionMode
 from .costs import flop_counter, generation_cost, teacher_forced_flops
 from .devices import DTYPES, add_device_flag, describe_device, device_from_flag, synchronize
+from .files import ASSETS
 from .memory import (
     MemoryJob,
     benchmark_request,
@@ -50,7 +51,6 @@ from .sampling import decode_to_unit, generate_steps, set_precision
 from .tokenizer import MultiScaleVQVAE
 from .transformer import ScaleTransformer
 
-ROOT = Path(__file__).resolve().parent.parent
 MEASUREMENTS = ("latency", "page", "memory", "flops", "train", "train-memory")  # of models, per preset and batch
 TABLES = ("attention",)  # measured once, apart from the models
 
@@ -75,8 +75,8 @@ def load_models(name: str, device: torch.device) -> Models:
     if name == "default":
         from .checkpoints import load_model
 
-        tokenizer_path = ROOT / "assets" / "tokenizer.safetensors"
-        transformer_path = ROOT / "assets" / "mvar.safetensors"
+        tokenizer_path = ASSETS / "tokenizer.safetensors"
+        transformer_path = ASSETS / "mvar.safetensors"
         tokenizer = load_model(tokenizer_path, device, expect="tokenizer").model
         transformer = load_model(transformer_path, device, expect="transformer").model
         return Models(name, tokenizer.requires_grad_(False), transformer.requires_grad_(False), False,

@@ -480,12 +480,6 @@ def _choose_tokens(transformer: ScaleTransformer, hidden: torch.Tensor, cond, sa
     return torch.cat(all_tokens), torch.cat(all_embedded)
 
 
-def decode_preview(tokenizer: MultiScaleVQVAE, f_hat: torch.Tensor, side: int | None = None) -> torch.Tensor:
-    """The preview of a partial map: its full decode (``side`` is ignored). Kept for app/ until it uses
-    ``previews.Previews``; new code calls ``previews.decode_previews``."""
-    return decode_to_unit(tokenizer, f_hat)
-
-
 @torch.no_grad()
 def generate(
     transformer: ScaleTransformer,

@@ -8,7 +8,6 @@ from mvar.config import MVAR_MODE, VAR_MODE, AttentionMode
 from mvar.previews import PreviewBudget, Previews
 from mvar.sampling import (
     SamplingConfig,
-    decode_preview,
     decode_to_unit,
     filter_logits,
     generate,
@@ -236,7 +235,6 @@ def test_previews_are_the_full_decodes_of_the_partial_maps(tiny_transformer, tin
         assert 0 < step.preview_seconds < step.seconds and step.capture_seconds == 0
         assert step.generation_seconds == pytest.approx(step.seconds - step.preview_seconds)
         assert torch.equal(step.preview, decode_to_unit(tiny_tokenizer, step.f_hat))
-    assert torch.equal(steps[4].preview, decode_preview(tiny_tokenizer, steps[4].f_hat, 5))  # kept for app/
 
 
 def _budget_run(transformer, tokenizer, budget, **kwargs):
