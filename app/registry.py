@@ -238,7 +238,7 @@ class ModelRegistry:
         tokenizer, mvar, var = (self.assets_dir / f"{n}.safetensors" for n in ("tokenizer", "mvar", "var"))
         if not (tokenizer.exists() and mvar.exists()):
             return None
-        return ModelEntry("default", "Default small models (embedded dataset, CPU)", "default", str(tokenizer),
+        return ModelEntry("default", "Default small models (trained on emoji artwork, CPU)", "default", str(tokenizer),
                           str(mvar), str(var) if var.exists() else None)
 
     def local_entries(self) -> list[ModelEntry]:

@@ -290,7 +290,7 @@ def _channel_mult(value) -> tuple[int, ...]:
 
 OFFICIAL_TOKENIZER = TokenizerConfig()
 
-# The small models this project trains on its embedded 64 px dataset: a /4 tokenizer gives the
+# The small models this project trains on its 64 px emoji set: a /4 tokenizer gives the
 # same 16x16 latent and 10-scale schedule as the official 256 px models.
 SMALL_TOKENIZER = TokenizerConfig(
     vocab_size=512, latent_channels=16, channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, image_size=64
