@@ -146,10 +146,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else -10 * math.log10(mse)
 
 
-def preview_fidelity(models: Models, reference: MultiScaleVQVAE, mode: AttentionMode, dtype, cfg: bool) -> dict:
-    """Every scale's preview of one sample, as a viewer gets it (``previews.Previews``, in the measured
-    precision), against ``reference`` (the tokenizer in fp32) decoding the same partial map: PSNR per scale
-    in dB, and the median time of one preview's decode (what a scale slider's first visit costs)."""
+def lazy_previews(models: Models, mode: AttentionMode, dtype, cfg: bool) -> tuple[Previews, float]:
+    """One sample's previews of every scale, as a viewer gets them (``previews.Previews``, in the measured
+    precision), and the median time of one preview's decode (what a scale slider's first visit costs)."""
     labels, sampling = benchmark_request(models.transformer.cfg, 1, cfg)
     previews = Previews(dtype)
     for step in generate_steps(models.transformer, models.tokenizer, labels, 0, sampling, mode, dtype=dtype,
@@ -160,11 +159,16 @@ def preview_fidelity(models: Models, reference: MultiScaleVQVAE, mode: Attention
         before = previews.seconds
         previews.image(models.tokenizer, scale)
         seconds.append(previews.seconds - before)
+    return previews, statistics.median(seconds)
+
+
+def preview_psnr(previews: Previews, tokenizer: MultiScaleVQVAE, reference: MultiScaleVQVAE) -> list[float]:
+    """PSNR (dB) per scale of each decoded preview of sample 0 against ``reference`` (the tokenizer in fp32)
+    decoding the same partial map."""
+    device = reference.post_quant_conv.weight.device
     with torch.no_grad():
-        references = decode_to_unit(reference, torch.cat(previews.maps).to(reference.post_quant_conv.weight.device))
-    scales = range(previews.num_scales)
-    return {"psnr": [psnr(previews.image(models.tokenizer, s), references[s].cpu()) for s in scales],
-            "decode_seconds": statistics.median(seconds)}
+        expected = decode_to_unit(reference, torch.cat([m[:1] for m in previews.maps]).to(device)).cpu()
+    return [psnr(previews.image(tokenizer, scale), expected[scale]) for scale in range(previews.num_scales)]
 
 
 def first_preview_seconds(models: Models, mode: AttentionMode, batch: int, dtype, cfg: bool) -> float:
@@ -302,7 +306,7 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
             for name, mode in modes.items():
                 bare[name].append(one_generation(models, mode, batch, dtype, args.cfg)["total"])
                 pages[name].append(page_generation(models, mode, batch, dtype, args.cfg, budgets[name]))
-        for name, mode in modes.items():
+        for name in modes:
             out = entry["modes"][name]
             out["page_total"] = spread([r["total"] for r in pages[name]])
             out["page_previews"] = spread([r["previews"] for r in pages[name]])
@@ -310,7 +314,12 @@ def measure_config(models: Models, preset: str, batch: int, dtype_name: str, wan
             out["page_ratio"] = out["page_total"]["median"] / out["page_bare_total"]["median"]
             out["page_streamed_scales"] = [r["streamed_scales"] for r in pages[name]]
             out["page_preview_share"] = args.preview_share
-            out["preview_fidelity"] = preview_fidelity(models, reference, mode, dtype, args.cfg)
+        # what a preview decoded later costs, for every mode before the fp32 reference decodes (their large
+        # fp32 activations would slow the next timed decode)
+        lazy = {name: lazy_previews(models, mode, dtype, args.cfg) for name, mode in modes.items()}
+        for name, (previews, seconds) in lazy.items():
+            entry["modes"][name]["preview_fidelity"] = {
+                "psnr": preview_psnr(previews, models.tokenizer, reference), "decode_seconds": seconds}
     if "flops" in wanted:
         for name, mode in modes.items():
             counted = counted_generation_flops(models, mode, batch, dtype, args.cfg)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 
 import numpy as np
+import torch
 
 _SHOWN_CHARS = 40  # a 600-digit int or a long string is cut in messages
 
@@ -83,3 +85,42 @@ def positive_integers(name: str, values) -> tuple[int, ...]:
     if not items:
         raise ValueError(f"{name} must name at least one value")
     return tuple(integer(f"{name}[{i}]", v, low=1) for i, v in enumerate(items))
+
+
+def _integer_items(values) -> list | None:
+    """The items of a list-like (not a string, bytes or mapping) or of a 1-D integer tensor or array, else None."""
+    if torch.is_tensor(values):
+        integral = not (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool)
+        return values.tolist() if values.ndim == 1 and integral else None
+    if isinstance(values, np.ndarray):
+        return values.tolist() if values.ndim == 1 and np.issubdtype(values.dtype, np.integer) else None
+    if isinstance(values, Iterable) and not isinstance(values, str | bytes | Mapping):
+        return list(values)
+    return None
+
+
+def integers(name: str, values, low: int | None = None, high: int | None = None, item: str | None = None
+             ) -> tuple[int, ...]:
+    """A non-empty sequence of ints in [low, high]: a list, tuple or range, or a 1-D integer tensor or array.
+
+    ``item`` names one value in messages (default ``name[i]``)."""
+    items = _integer_items(values)
+    if items is None:
+        what = (f"a {type(values).__name__} of shape {tuple(values.shape)} and dtype {values.dtype}"
+                if torch.is_tensor(values) or isinstance(values, np.ndarray)
+                else f"{shown(values)} ({type(values).__name__})")
+        raise ValueError(f"{name} must be a sequence of integers (a list, a tuple or a 1-D integer tensor), "
+                         f"got {what}")
+    if not items:
+        raise ValueError(f"{name} must name at least one value")
+    return tuple(integer(item or f"{name}[{i}]", value, low, high) for i, value in enumerate(items))
+
+
+def instance(name: str, value, kind: type, examples: str = ""):
+    """``value`` if it is a ``kind``, else a ValueError naming ``name`` (``examples``: how to make one)."""
+    if not isinstance(value, kind):
+        hint = f" ({examples})" if examples else ""
+        article = "an" if kind.__name__[0] in "AEIOU" else "a"
+        raise ValueError(f"{name} must be {article} {kind.__name__}{hint}, got {shown(value)} "
+                         f"({type(value).__name__})")
+    return value

@@ -114,6 +114,14 @@ def describe_device(device) -> str:
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def checked_dtype(dtype) -> torch.dtype | None:
+    """A generation's dtype argument: None (full precision) or one of DTYPES' torch dtypes, else a ValueError."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {checks.shown(dtype)} ({type(dtype).__name__})")
+    return dtype
+
+
 def dtype_of(name: str) -> torch.dtype:
     """The torch dtype of a precision name (fp32 | bf16 | fp16); a ValueError names the choices."""
     if name not in DTYPES:

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from . import checks
-from .devices import autocast
+from .devices import autocast, checked_dtype
 from .tokenizer import MultiScaleVQVAE, decode_to_unit
 
 DEFAULT_PREVIEW_SHARE = 0.5  # streamed previews may add this share of the generation's own time
-PREVIEW_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.no_grad()
@@ -87,10 +86,7 @@ class Previews:
     """
 
     def __init__(self, dtype: torch.dtype | None = None):
-        if dtype not in PREVIEW_DTYPES:
-            raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
-                             f"got {checks.shown(dtype)}")
-        self.dtype = dtype
+        self.dtype = checked_dtype(dtype)
         self.maps: list[torch.Tensor] = []  # per scale (B, Cvae, h, w), fp32 on the CPU
         self.seconds = 0.0  # time spent decoding here (the stream's own decodes are in its steps)
         self._images: dict[tuple[int, int], torch.Tensor] = {}  # (scale, sample) -> (3, H, W) fp32 on the CPU

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import checks, ranges
 from .config import VAR_MODE, AttentionMode
-from .devices import autocast, synchronize
+from .devices import autocast, checked_dtype, synchronize
 from .previews import PreviewBudget, decode_previews
 from .tokenizer import MultiScaleVQVAE, decode_to_unit
 from .transformer import AttentionCapture, ScaleTransformer
@@ -166,9 +165,7 @@ def set_precision(transformer: ScaleTransformer, tokenizer: MultiScaleVQVAE, dty
     fp32. ``None`` or float32 restores full precision. The decoder's convolutions are also stored
     channels-last, about 15% faster on CPU.
     """
-    dtype = dtype or torch.float32
-    if dtype not in LOW_PRECISION + (torch.float32,):
-        raise ValueError(f"precision must be float32, bfloat16 or float16, got {dtype}")
+    dtype = checked_dtype(dtype) or torch.float32
     transformer.to(dtype)
     tokenizer.post_quant_conv.to(dtype)
     tokenizer.decoder.to(dtype, memory_format=torch.channels_last)  # oneDNN's fast conv layout on CPU
@@ -184,91 +181,37 @@ def compute_dtype(transformer: ScaleTransformer, dtype: torch.dtype | None) -> t
     return dtype
 
 
-def _is_collection(values) -> bool:
-    """A list-like argument: iterable, but no string, bytes or mapping."""
-    return isinstance(values, Iterable) and not isinstance(values, str | bytes | Mapping)
-
-
-def _integer_items(values) -> list | None:
-    """The items of a 1-D tensor / array of an integer dtype or of a list-like, else None (no check of the items)."""
-    if torch.is_tensor(values) or isinstance(values, np.ndarray):
-        dtype = values.dtype
-        integral = (not values.is_floating_point() and not values.is_complex() and dtype != torch.bool
-                    if torch.is_tensor(values) else np.issubdtype(dtype, np.integer))
-        return values.tolist() if values.ndim == 1 and integral else None
-    return list(values) if _is_collection(values) else None
-
-
-def _check_labels(labels) -> list[int]:
-    items = _integer_items(labels)
-    if items is None:
-        what = (f"a tensor of shape {tuple(labels.shape)} and dtype {labels.dtype}"
-                if torch.is_tensor(labels) or isinstance(labels, np.ndarray)
-                else f"{checks.shown(labels)} ({type(labels).__name__})")
-        raise ValueError("class ids must be a sequence of integers (a list, a tuple or a 1-D integer tensor), "
-                         f"got {what}")
-    for label in items:
-        if not checks.is_integer(label):
-            raise ValueError(f"class id {checks.shown(label)} is not an integer")
-    return [int(label) for label in items]
-
-
-def _check_batch(labels, seeds, num_classes: int, max_batch: int) -> tuple[list[int], list[int]]:
-    labels = _check_labels(labels)
-    if not labels:
-        raise ValueError("at least one class label is required")
-    if len(labels) > max_batch:
-        raise ValueError(f"batch of {len(labels)} exceeds the limit of {max_batch} samples")
-    for label in labels:
-        if not 0 <= label <= num_classes:
-            raise ValueError(f"class id {checks.shown(label)} is out of range 0..{num_classes - 1} "
-                             f"({num_classes} = unconditional)")
+def sample_seeds(seeds, count: int) -> list[int]:
+    """Each sample's generator seed: one per sample, or one integer for all (sample i then uses seed + i),
+    each folded into 0..``ranges.SEED_MAX`` by :func:`normalize_seed`."""
     if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence):  # one seed ("12" is one bad seed)
         base = normalize_seed(seeds)
-        seeds = [(base + i) % SEED_MODULUS for i in range(len(labels))]
-    else:
-        seeds = [normalize_seed(s) for s in seeds]
-    if len(seeds) != len(labels):
-        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
-    return labels, seeds
-
-
-def _check_dtype(dtype) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in (torch.float32,) + LOW_PRECISION):
-        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
-                         f"got {checks.shown(dtype)} ({type(dtype).__name__})")
-
-
-def _check_capture_layers(capture_layers, depth: int) -> tuple[int, ...]:
-    """Layer indices in 0..depth-1 (None = every layer)."""
-    if capture_layers is None:
-        return tuple(range(depth))
-    items = _integer_items(capture_layers)
-    if items is None or not all(checks.is_integer(i) and 0 <= i < depth for i in items):
-        raise ValueError(f"capture layers must be a sequence of integers in 0..{depth - 1}, "
-                         f"got {checks.shown(capture_layers)}")
-    return tuple(int(i) for i in items)
+        return [(base + i) % SEED_MODULUS for i in range(count)]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} labels")
+    return [normalize_seed(seed) for seed in seeds]
 
 
 def _check_capture_queries(capture_queries, patch_nums: Sequence[int]) -> dict[int, tuple[int, ...] | None] | None:
     """{scale index: token positions within the scale, or None for all} with every key and position checked."""
     if capture_queries is None:
         return None
-    if not isinstance(capture_queries, Mapping):
-        raise ValueError("capture_queries must map scale indices to token positions (or None), "
-                         f"got {checks.shown(capture_queries)} ({type(capture_queries).__name__})")
-    checked = {}
-    for scale, chosen in capture_queries.items():
-        if not (checks.is_integer(scale) and 0 <= scale < len(patch_nums)):
-            raise ValueError(f"capture_queries keys must be scale indices in 0..{len(patch_nums) - 1}, "
-                             f"got {checks.shown(scale)} ({type(scale).__name__})")
-        count = patch_nums[scale] ** 2
-        items = None if chosen is None else _integer_items(chosen)
-        if chosen is not None and (not items or not all(checks.is_integer(i) and 0 <= i < count for i in items)):
-            raise ValueError(f"capture query tokens of scale {scale} must be a non-empty sequence of integers in "
-                             f"0..{count - 1} (or None for all), got {checks.shown(chosen)}")
-        checked[int(scale)] = None if items is None else tuple(int(i) for i in items)
-    return checked
+    checks.instance("capture_queries", capture_queries, Mapping, "scale index -> token positions or None")
+    last = len(patch_nums) - 1
+    return {checks.integer("capture_queries key", scale, 0, last):
+            None if chosen is None else checks.integers(f"capture query tokens of scale {scale}", chosen, 0,
+                                                        patch_nums[scale] ** 2 - 1)
+            for scale, chosen in capture_queries.items()}
+
+
+def _check_models(tokenizer: MultiScaleVQVAE, transformer: ScaleTransformer) -> None:
+    """The two models must share the scale schedule, the vocabulary and the latent width."""
+    if tokenizer.cfg.patch_nums != transformer.cfg.patch_nums:
+        raise ValueError(f"the tokenizer's scale schedule {tokenizer.cfg.patch_nums} does not match the "
+                         f"transformer's {transformer.cfg.patch_nums}")
+    if (tokenizer.cfg.vocab_size, tokenizer.cfg.latent_channels) != (transformer.cfg.vocab_size,
+                                                                     transformer.cfg.latent_channels):
+        raise ValueError("tokenizer and transformer disagree on vocab_size or latent_channels")
 
 
 def generate_steps(
@@ -305,38 +248,29 @@ def generate_steps(
     """
     cfg = transformer.cfg
     sampling = SamplingConfig() if sampling is None else sampling
-    if not isinstance(sampling, SamplingConfig):
-        raise ValueError(f"sampling must be a SamplingConfig, got {checks.shown(sampling)} ({type(sampling).__name__})")
-    sampling = sampling.validate(cfg.vocab_size)
-    if not isinstance(mode, AttentionMode):
-        raise ValueError(f"mode must be an AttentionMode (VAR_MODE, MVAR_MODE, AttentionMode.mvar(...)), "
-                         f"got {checks.shown(mode)} ({type(mode).__name__})")
-    _check_dtype(dtype)
+    sampling = checks.instance("sampling", sampling, SamplingConfig).validate(cfg.vocab_size)
+    checks.instance("mode", mode, AttentionMode, "VAR_MODE, MVAR_MODE, AttentionMode.mvar(...)")
+    dtype = compute_dtype(transformer, checked_dtype(dtype))
     previews = checks.boolean("previews", previews)
     if preview_samples is not None:
         preview_samples = checks.integer("preview_samples", preview_samples, low=1)
-    if preview_budget is not None and not (previews and isinstance(preview_budget, PreviewBudget)):
-        raise ValueError(f"preview_budget must be a PreviewBudget, with previews=True; got "
-                         f"{checks.shown(preview_budget)} with previews={previews}")
+    if preview_budget is not None and not previews:
+        raise ValueError("preview_budget needs previews=True")
+    if preview_budget is not None:
+        checks.instance("preview_budget", preview_budget, PreviewBudget)
     max_batch = checks.integer("max_batch", max_batch, low=1)
-    labels, seeds = _check_batch(labels, seeds, cfg.num_classes, max_batch)
-    if tokenizer.cfg.patch_nums != cfg.patch_nums:
-        raise ValueError(
-            f"the tokenizer's scale schedule {tokenizer.cfg.patch_nums} does not match the "
-            f"transformer's {cfg.patch_nums}"
-        )
-    if tokenizer.cfg.vocab_size != cfg.vocab_size or tokenizer.cfg.latent_channels != cfg.latent_channels:
-        raise ValueError("tokenizer and transformer disagree on vocab_size or latent_channels")
-    layers = _check_capture_layers(capture_layers, cfg.depth)
+    labels = list(checks.integers("class ids", labels, 0, cfg.num_classes,
+                                  item=f"class id ({cfg.num_classes} = unconditional)"))
+    if len(labels) > max_batch:
+        raise ValueError(f"batch of {len(labels)} exceeds the limit of {max_batch} samples")
+    seeds = sample_seeds(seeds, len(labels))
+    _check_models(tokenizer, transformer)
+    layers = tuple(range(cfg.depth)) if capture_layers is None else checks.integers(
+        "capture layers", capture_layers, 0, cfg.depth - 1)
     capture_queries = _check_capture_queries(capture_queries, cfg.patch_nums)
-    dtype = compute_dtype(transformer, dtype)
     forced = _check_forced(forced, cfg.patch_nums, len(labels), cfg.vocab_size)
     if capture_samples is not None:
-        items = _integer_items(capture_samples)
-        if not items or not all(0 <= i < len(labels) for i in items):
-            raise ValueError(f"capture_samples must be a non-empty sequence of sample indices in "
-                             f"0..{len(labels) - 1}, got {checks.shown(capture_samples)}")
-        capture_samples = torch.tensor([int(i) for i in items])
+        capture_samples = torch.tensor(checks.integers("capture_samples", capture_samples, 0, len(labels) - 1))
     return _scale_steps(transformer, tokenizer, labels, seeds, sampling, mode, previews, dtype, layers,
                         capture_queries, preview_samples, forced, capture_samples, preview_budget)
 
@@ -344,8 +278,7 @@ def generate_steps(
 def _check_forced(forced, patch_nums: Sequence[int], batch: int, vocab: int) -> ForcedTokens | None:
     if forced is None:
         return None
-    if not isinstance(forced, ForcedTokens):
-        raise ValueError(f"forced must be a ForcedTokens or None, got {type(forced).__name__}")
+    checks.instance("forced", forced, ForcedTokens)
     if len(forced.tokens) != len(patch_nums) or len(forced.keep) != len(patch_nums):
         raise ValueError(f"forced tokens need one map per scale ({len(patch_nums)}), got "
                          f"{len(forced.tokens)} token maps and {len(forced.keep)} keep masks")

@@ -25,6 +25,9 @@ def test_benchmark_writes_json_and_charts(tmp_path):
         assert mode["peak_memory"]["peak_bytes"] > 0 and "fresh subprocess" in mode["peak_memory"]["measure"]
         assert mode["train"]["average_step_seconds"] > 0
         assert mode["page_total"]["median"] > 0 and mode["page_previews"]["median"] > 0 and mode["page_ratio"] > 0
+        assert all(scales[-1] == 10 for scales in mode["page_streamed_scales"])  # the last scale is the final image
+        fidelity = mode["preview_fidelity"]
+        assert len(fidelity["psnr"]) == 10 and min(fidelity["psnr"]) >= 30 and fidelity["decode_seconds"] > 0
         assert mode["train_peak_memory"]["peak_bytes"] > 0 and mode["train_peak_memory"]["job"]["task"] == "train"
     assert set(mvar["train"]["per_kind"]) == {"0-7", "8-8", "9-9"} and set(var["train"]["per_kind"]) == {"0-9"}
     assert [k["weight"] for k in mvar["train"]["per_kind"].values()] == [8, 1, 1]

@@ -107,9 +107,16 @@ def test_seed_normalisation():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(labels=[13]), "class id 13 is out of range"),
-    (dict(labels=[-1]), "out of range"),
-    (dict(labels=[]), "at least one class label"),
+    (dict(labels=[13]), r"class id \(12 = unconditional\) must be an integer in 0..12, got 13"),
+    (dict(labels=[-1]), "class id .* got -1"),
+    (dict(labels=[]), "class ids must name at least one value"),
+    (dict(labels=torch.tensor([1.0])), "class ids must be a sequence of integers"),
+    (dict(labels="1"), "class ids must be a sequence of integers"),
+    (dict(dtype="bf16"), "dtype must be None, torch.float32"),
+    (dict(sampling=dict(cfg=1.5)), "sampling must be a SamplingConfig"),
+    (dict(mode="mvar"), "mode must be an AttentionMode"),
+    (dict(capture_layers=[0], capture_queries=[0]), "capture_queries must be a Mapping"),
+    (dict(capture_layers=[0], capture_queries={10: None}), "capture_queries key must be an integer in 0..9"),
     (dict(sampling=SamplingConfig(top_k=-1)), "top_k"),
     (dict(sampling=SamplingConfig(top_k=10_000)), "top_k"),
     (dict(sampling=SamplingConfig(top_p=0.0)), "top_p"),
@@ -313,7 +320,7 @@ def test_previews_of_the_default_models_show_what_the_partial_map_decodes_to(pre
     from mvar.sampling import set_precision
 
     assets = Path(__file__).resolve().parent.parent / "assets"
-    tokenizer = load_model(assets / "tokenizer.safetensors", expect="tokenizer").model.eval()
+    tokenizer = load_model(assets / "tokenizer.safetensors", expect="tokenizer").model.eval().requires_grad_(False)
     for name, mode in (("var", VAR_MODE), ("mvar", AttentionMode.mvar(8, 7))):
         transformer = load_model(assets / f"{name}.safetensors", expect="transformer").model.eval()
         run_tokenizer = copy.deepcopy(tokenizer)
