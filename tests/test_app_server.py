@@ -221,7 +221,7 @@ def test_browser_nothing_is_changed_silently(server):
         set_number(page, "#seed", 9007199254740991)  # the label's maximum: used as typed
         page.get_by_role("button", name="Generate").click()
         page.get_by_text("done: 1 image of 'class-0', seed 9007199254740991;").wait_for(timeout=300_000)
-        assert "seed9007199254740991.png" in page.locator("#downloads").inner_text()  # the download's name
+        assert "mvar-class-0-seed9007199254740991\n.png" in page.locator("#downloads").inner_text()  # its file
         shown = page.locator("#mvar-image img").get_attribute("src")
         refusals = [("#seed", "1.5", f"Seed must be a whole number {SEED_RANGE}, got 1.5"),
                     ("#seed", "", f"Seed must be a whole number {SEED_RANGE}, got no number"),
@@ -266,16 +266,15 @@ def test_browser_the_scale_box_has_no_dead_end(server):
             box.fill(value)  # what a visitor types, sent at once
             toast(page, f"Scale must be a whole number from 1 to 10, got {shown}").wait_for(timeout=60_000)
             assert image.get_attribute("src") == final and no_error_badges(page)
-        box.click()  # typed key by key: 7, 7. (still 7), 7.5
+        box.click()  # typed key by key: 7, 7. (still 7), 7.5 (the page may skip the values typed in between)
         box.press("Control+a")
         page.keyboard.type("7.5")
         toast(page, "Scale must be a whole number from 1 to 10, got 7.5").wait_for(timeout=60_000)
-        page.get_by_text("MVAR, scale 7 of 10 (7x7)").first.wait_for(timeout=60_000)  # 7 was shown on the way
         box.fill("4")  # and the box works on: a round trip after which any repeated request would have come
         page.get_by_text("MVAR, scale 4 of 10 (4x4)").first.wait_for(timeout=60_000)
         assert no_error_badges(page)
-        for value in ("5.5", "7.5", "11"):
-            assert sum(f'"data":[null,{value},' in (data or "") for data in sent) <= 1, value  # never repeated
+        for value in ("5.5", "7.5", "11"):  # the slider's event sends (record, scale): each value once, no loop
+            assert sum(f'"data":[null,{value}]' in (data or "") for data in sent) == 1, value
         browser.close()
     for shown in ("5.5", "0", "11", "no number", "7.5"):
         assert log_lines(server, f"refused on_scale: Scale must be a whole number from 1 to 10, got {shown}\n") == 1
