@@ -19,9 +19,12 @@ from unittest import mock
 import pytest
 import torch
 
-from app import handlers, tasks, zerogpu
+from app import tasks, zerogpu
 from app.page import build_app
 from app.registry import ModelRegistry
+from app.work import costs as app_costs
+from app.work import models as app_models
+from app.work.settings import UserError, parse_settings
 from mvar import devices
 from mvar.memory import MemoryJob, measure_label
 
@@ -116,13 +119,15 @@ def test_entry_points_refuse_a_missing_gpu_by_flag(entry, no_gpu, capsys, tmp_pa
 
     app_main = _load_app_script()
     files = ["--tokenizer", "assets/tokenizer.safetensors", "--transformer", "assets/mvar.safetensors"]
+    for split in ("train", "val"):  # an (empty) ImageNet-layout folder: the device is refused before the data is read
+        (tmp_path / split).mkdir()
     cases = {
         "sample": (sample.main, ["--random-init", "tiny"]),
         "benchmark": (benchmark.main, ["--presets", "tiny", "--out", str(tmp_path)]),
-        "evaluate": (evaluate.main, files),
-        "choose_sampling": (choose_sampling.main, [*files, "--mode", "mvar"]),
+        "evaluate": (evaluate.main, [*files, "--data", str(tmp_path)]),
+        "choose_sampling": (choose_sampling.main, [*files, "--data", str(tmp_path), "--mode", "mvar"]),
         "app": (app_main.parse_args, []),
-        "classifier": (classifier.parse_args, ["--out", str(tmp_path / "c.safetensors")]),
+        "classifier": (classifier.parse_args, ["--data", str(tmp_path), "--out", str(tmp_path / "c.safetensors")]),
         "train_transformer": (train_transformer.main, ["--run-dir", str(tmp_path / "r")]),
         "train_tokenizer": (train_tokenizer.main, ["--run-dir", str(tmp_path / "r")]),
     }
@@ -211,11 +216,11 @@ def test_the_memory_tab_measures_on_the_servers_device(tiny_registry):
     models = tiny_registry.load("tiny")
     jobs = []
     with mock.patch("mvar.memory.measure", side_effect=lambda job: jobs.append(job) or {"peak_bytes": 2**20}):
-        handlers.measured_memory_mib(models, [1], "bf16", device="cpu")
-        with pytest.raises(handlers.UserError, match=r"Precision must be one of fp32, bf16, got 'fp16'"):
-            handlers.measured_memory_mib(models, [1], "fp16", device="cpu")  # fp16 is offered on CUDA only
+        app_costs.measured_memory_mib(models, [1], "bf16", device="cpu")
+        with pytest.raises(UserError, match=r"Precision must be one of fp32, bf16, got 'fp16'"):
+            app_costs.measured_memory_mib(models, [1], "fp16", device="cpu")  # fp16 is offered on CUDA only
     assert {job.device for job in jobs} == {"cpu"} and len(jobs) == 2
-    assert handlers.memory_label("cpu") == "peak RSS above the weights"
+    assert app_costs.memory_label("cpu") == "peak RSS above the weights"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +260,7 @@ def test_without_spaces_the_wrapper_is_a_no_op(monkeypatch):
     def work(x, device=None):
         return x, device
 
-    assert zerogpu.gpu_task(30)(work) is work
+    assert zerogpu.GpuTasks.detect().task(30)(work) is work
     assert zerogpu.GpuTasks.detect().describe("cpu") == f"running on CPU ({torch.get_num_threads()} threads)"
 
 
@@ -269,7 +274,8 @@ def test_with_spaces_the_call_runs_in_spaces_gpu_with_its_duration_and_device(mo
     def stream(n, device=None):
         yield from ((i, device) for i in range(n))
 
-    wrapped, streamed = zerogpu.gpu_task(45)(work), zerogpu.gpu_task(20)(stream)
+    gpu = zerogpu.GpuTasks.detect()
+    wrapped, streamed = gpu.task(45)(work), gpu.task(20)(stream)
     assert ("decorated", "work", 45) in calls and ("decorated", "stream", 20) in calls
     assert wrapped(7) == (7, "cuda:0")  # the call's GPU (faked here)
     assert inspect.isgeneratorfunction(stream)
@@ -277,7 +283,7 @@ def test_with_spaces_the_call_runs_in_spaces_gpu_with_its_duration_and_device(mo
     assert zerogpu.GpuTasks.detect(enabled=False).task(45)(work) is work
     assert "ZeroGPU" in zerogpu.GpuTasks.detect().describe("cpu")
     with pytest.raises(ValueError, match="duration must be a whole number of seconds"):
-        zerogpu.gpu_task(0)
+        gpu.task(0)
 
 
 @pytest.fixture(scope="module")
@@ -298,14 +304,19 @@ def test_zerogpu_generation_streams_across_the_boundary_with_the_models_moved(ti
     calls, placed = [], []
     monkeypatch.setitem(sys.modules, "spaces", fake_spaces(calls))
     monkeypatch.setattr(zerogpu, "call_device", lambda: "cpu")  # the call's device: a CPU stands in here
-    real_place = handlers.place_models
-    monkeypatch.setattr(handlers, "place_models", lambda models, device: placed.append(device)
+    real_place = app_models.place_models
+    monkeypatch.setattr(app_models, "place_models", lambda models, device: placed.append(device)
                         or real_place(models, device))
-    model_tasks = tasks.model_tasks(tiny_registry, zerogpu.GpuTasks.detect(), 4)
+    model_tasks = tasks.model_tasks(tiny_registry, zerogpu.GpuTasks.detect())
     assert ("decorated", "frames", zerogpu.GENERATE_SECONDS) in calls
     assert ("decorated", "statistics", zerogpu.ANALYSIS_SECONDS) in calls
     assert model_tasks.precisions == ("fp32", "bf16", "fp16")  # ZeroGPU lends GPUs
-    frames = list(model_tasks.frames("tiny", "class-3", 7, 1.0, 10, 0.95, False, 2, "bf16"))
+
+    def settings(precision: str, images: int = 2, offered=None):
+        return parse_settings(tiny_registry.load("tiny"), "class-3", 7, 1.0, 10, 0.95, False, images, precision,
+                              "7", 8, precisions=offered)
+
+    frames = list(model_tasks.frames("tiny", settings("bf16")))
     assert len(frames) == 21 and placed == ["cpu"] and ("call", "frames") in calls
     record = frames[-1].record  # came back through pickle: numpy images and CPU tensors only
     assert len(record.runs["MVAR"].finals) == 2
@@ -314,18 +325,18 @@ def test_zerogpu_generation_streams_across_the_boundary_with_the_models_moved(ti
     stats, kernel_size = model_tasks.statistics("tiny", 1)
     assert kernel_size == 7 and stats.mass_by_distance.sum() == pytest.approx(1.0, abs=1e-3)
     assert placed == ["cpu", "cpu"]
-    direct = tasks.model_tasks(tiny_registry, zerogpu.GpuTasks(), 4)  # no spaces: the registry's device, no move
-    again = list(direct.frames("tiny", "class-3", 7, 1.0, 10, 0.95, False, 2, "bf16"))[-1].record
+    direct = tasks.model_tasks(tiny_registry, zerogpu.GpuTasks())  # no spaces: the registry's device, no move
+    again = list(direct.frames("tiny", settings("bf16")))[-1].record
     assert placed == ["cpu", "cpu"] and direct.precisions == ("fp32", "bf16")
     assert (again.runs["MVAR"].finals[1] == record.runs["MVAR"].finals[1]).all()
-    with pytest.raises(handlers.UserError, match=r"Precision must be one of fp32, bf16, got 'fp16'"):
-        next(direct.frames("tiny", "class-3", 7, 1.0, 10, 0.95, False, 1, "fp16"))
+    with pytest.raises(UserError, match=r"Precision must be one of fp32, bf16, got 'fp16'"):
+        settings("fp16", 1, direct.precisions)
 
 
 def test_placing_moves_the_models_and_their_low_precision_copies(tiny_files):
     models = _registry(tiny_files).load("tiny")
     copies = models.in_precision(torch.bfloat16)
-    handlers.place_models(models, "meta")  # a device this machine has besides the CPU: nothing is computed there
+    app_models.place_models(models, "meta")  # a device this machine has besides the CPU: nothing is computed there
     modules = [models.tokenizer, models.transformer, models.var_transformer, *copies]
     assert {p.device.type for m in modules for p in m.parameters()} == {"meta"}
 
