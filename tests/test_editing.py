@@ -1,6 +1,6 @@
 """The Edit tab's model work (app/work/editing.py) and views (app/edit.py) on tiny random models: source images
 and their notes, the dataset samples, masks from the painter and the presets, refusals in the widgets' words,
-the streamed edit against mvar.edit.edit, stepping, the pyramid, and the tasks."""
+the streamed edit against mvar.editing.edit, stepping, the pyramid, and the tasks."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from app.work.editing import MAX_UPLOAD_BYTES
 from app.work.settings import UserError
 from app.zerogpu import GpuTasks
 from mvar.config import VAR_MODE
-from mvar.edit import edit, image_pyramid, outpaint_mask
+from mvar.editing import edit, image_pyramid, outpaint_mask
 from mvar.tokenizer import to_uint8
 
 from .conftest import fake_spaces, registry_of

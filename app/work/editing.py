@@ -1,7 +1,7 @@
 """The Edit tab's model work: plain values in, data out (images, masks, records, text); no Gradio.
 
 An edit starts from a **source image**: one of the dataset samples (``app/dataset_samples.py``), or an upload
-of any size, aspect ratio or mode (``mvar.edit.prepare_image`` fits it to the model and says what it
+of any size, aspect ratio or mode (``mvar.editing.prepare_image`` fits it to the model and says what it
 did). The mask is painted on it in the page's image editor: the painted layers' alpha, any colour
 (white paint = regenerate), or one of the presets (centre, border = out-painting, everything =
 variations with *Keep the first N scales*). The edit then runs like a generation, MVAR and the VAR
@@ -26,7 +26,7 @@ from PIL import Image
 
 from mvar.config import VAR_MODE
 from mvar.devices import DTYPES, dtype_of
-from mvar.edit import (
+from mvar.editing import (
     blend,
     edit_steps,
     image_pyramid,
@@ -152,7 +152,7 @@ def _box(size: int, percent) -> tuple[int, int, int, int]:
 
 def preset_mask(kind: str, size: int, percent=50) -> np.ndarray:
     """A preset mask (True = regenerate) at the model's ``size``: the centre box, the border around it
-    (out-painting: the centre box is kept, ``mvar.edit.outpaint_mask``), everything, or nothing."""
+    (out-painting: the centre box is kept, ``mvar.editing.outpaint_mask``), everything, or nothing."""
     kind = Choice("preset", PRESETS).parse(kind)
     if kind == "everything":
         return np.ones((size, size), bool)
