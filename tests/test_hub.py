@@ -136,7 +136,7 @@ def test_hub_preset_downloads_once_on_demand_with_progress_and_loads_what_was_se
     assert hub.calls == []  # listing downloads nothing
 
     events = []
-    from app.handlers import load_models  # the page's path: the model dropdown's handler passes gr.Progress
+    from app.work.models import load_models  # the page's path: the model dropdown's handler passes gr.Progress
 
     models = load_models(registry, "mvar-d16", progress=lambda fraction, desc="": events.append((fraction, desc)))
     assert hub.calls == [("FoundationVision/var", VAE_FILE), ("CVLUESTC/MVAR", MVAR_FILE)]
