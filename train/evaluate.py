@@ -40,7 +40,7 @@ import torch
 
 from mvar.checkpoints import CheckpointError, load_model
 from mvar.config import AttentionMode
-from mvar.devices import add_device_flag, resolve_device
+from mvar.devices import DTYPES, add_device_flag, resolve_device
 from mvar.files import atomic_write_bytes
 from mvar.sampling import SamplingConfig, generate
 from mvar.tokenizer import MultiScaleVQVAE
@@ -48,9 +48,6 @@ from mvar.transformer import ScaleTransformer
 
 from .classifier import Classifier, load_classifier
 from .data import ImageFolderDataset, balanced_images
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: CUDA only (check_args)
-
 
 # ---------------------------------------------------------------------------------------------
 # Features and the Fréchet distance
