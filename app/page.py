@@ -40,11 +40,14 @@ assumptions: a scale attends only to itself (its input already carries the earli
 scales each token attends only to a k x k window around it. So MVAR needs no KV cache and far less attention
 work; the **Attention** tab shows where each token looks, **Ablation** switches the two assumptions on one at a
 time, **Memory** and **Cost per scale** show what they save."""
-DEFAULT_MODELS_NOTE = ("**The default models** are small ones this project trained on its own dataset "
-                       "(12 classes of emoji artwork, 64 px images, CPU-sized), so the page runs anywhere. For the "
-                       "official ImageNet 256 px models, start the app with `--models-dir` (a folder with "
-                       "`vae_ch160v4096z32.pth`, `var_d16.pth`, `mvar-d16.pth`, ...) or `--download` (see the "
-                       "README's Official weights and Hosting sections).")
+DEFAULT_MODELS_NOTE = (
+    "**The default models** are small ones this project trained on emoji artwork (12 classes, 64 px images, "
+    "CPU-sized), so the page runs anywhere. For the official ImageNet 256 px models, start the app with "
+    "`--models-dir` (a folder with `vae_ch160v4096z32.pth`, `var_d16.pth`, `mvar-d16.pth`, ...) or `--download` "
+    "(see docs/official-weights.md and docs/devices-and-spaces.md).\n\n"
+    "**The artwork they learned from** (see CREDITS.md): Fluent Emoji 3D, Color and Flat, © Microsoft "
+    "Corporation, MIT licence; Noto Emoji, © Google LLC, Apache License 2.0; Twemoji graphics by Twitter, Inc. "
+    "and other contributors, CC BY 4.0. Images resized to 64 px on white.")
 CSS = """
 #filmstrips img, #ablation img {object-fit: contain;}
 @media (max-width: 640px) {
@@ -75,7 +78,9 @@ def header(entries, first, device_line: str, default_note: str) -> Header:
         with gr.Column(scale=3, min_width=240):
             model_note = gr.Markdown(model_text(first), elem_id="model-note")
             device = gr.Markdown(device_line, elem_id="device-line")
-    gr.Markdown(default_note, elem_id="default-models-note")
+    if default_note:  # developer text and credits, out of the first screen's way
+        with gr.Accordion("About these models", open=False, elem_id="about-models"):
+            gr.Markdown(default_note, elem_id="default-models-note")
     with gr.Accordion("What you are seeing", open=False):
         gr.Markdown(WHAT_YOU_SEE)
     return Header(model, model_note, device)

@@ -373,3 +373,11 @@ def test_bf16_generation_uses_bf16_copies_made_once(registry):
     assert models.transformer.head.weight.dtype == torch.float32  # the fp32 models are untouched
     assert models.in_precision(torch.bfloat16)[1] is mvar  # made once
     assert models.in_precision(None)[1] is models.transformer
+
+
+def test_the_about_note_credits_every_artwork_source_with_its_licence():
+    from app.page import DEFAULT_MODELS_NOTE
+
+    for credit in ("© Microsoft", "MIT", "Noto", "Apache License 2.0",
+                   "Twemoji graphics by Twitter, Inc. and other contributors", "CC BY 4.0", "CREDITS.md"):
+        assert credit in DEFAULT_MODELS_NOTE
