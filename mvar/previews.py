@@ -49,9 +49,9 @@ class PreviewBudget:
     """Which scales a streaming generation decodes as it goes (see the module's docstring).
 
     share: previews may take this share of the generation's time so far (0: only the last scale's; a large
-    value: every scale's). decode_seconds: what one step's previews took to decode, measured by the
-    streams that use this budget (None until one has). Keep one per model and precision, so that later
-    generations know the cost before their first scale."""
+    value: every scale's). decode_seconds: the expected time of one step's previews, learnt from the
+    decodes of the streams that use this budget (None until one has; see :meth:`measured`). Keep one per
+    model and precision, so that later generations know the cost before their first scale."""
 
     share: float = DEFAULT_PREVIEW_SHARE
     decode_seconds: float | None = None
@@ -70,8 +70,11 @@ class PreviewBudget:
         return preview_seconds + self.decode_seconds <= self.share * generation_seconds
 
     def measured(self, seconds: float) -> None:
-        """Record the time one step's previews took to decode."""
-        self.decode_seconds = float(seconds)
+        """Record the time one step's previews took to decode. A slower decode counts at once, a faster one
+        halfway: the estimate leans high, so a decode that happened to run fast does not overspend the next."""
+        seconds = float(seconds)
+        old = self.decode_seconds
+        self.decode_seconds = seconds if old is None else max(seconds, (old + seconds) / 2)
 
 
 class Previews:

@@ -267,6 +267,10 @@ def test_a_preview_budget_decodes_what_fits_and_always_the_last_scale(tiny_trans
     budget = PreviewBudget(share=0.5, decode_seconds=0.01)
     assert budget.allows(1.0, 0.49, last=False) and not budget.allows(1.0, 0.495, last=False)
     assert budget.allows(0.0, 9.0, last=True)
+    budget.measured(0.03)  # slower: counts at once
+    assert budget.decode_seconds == 0.03
+    budget.measured(0.01)  # faster: halfway
+    assert budget.decode_seconds == pytest.approx(0.02)
     for bad in (dict(share=-1), dict(share=float("nan")), dict(share="1"), dict(decode_seconds=-1.0)):
         with pytest.raises(ValueError):
             PreviewBudget(**bad)
