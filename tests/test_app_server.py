@@ -273,11 +273,20 @@ def test_browser_the_scale_box_has_no_dead_end(server):
         box.fill("4")  # and the box works on: a round trip after which any repeated request would have come
         page.get_by_text("MVAR, scale 4 of 10 (4x4)").first.wait_for(timeout=60_000)
         assert no_error_badges(page)
-        for value in ("5.5", "7.5", "11"):  # the slider's event sends (record, scale): each value once, no loop
-            assert sum(f'"data":[null,{value}]' in (data or "") for data in sent) == 1, value
+        def sends(value: str) -> int:  # the slider's event sends (record, scale)
+            return sum(f'"data":[null,{value}]' in (data or "") for data in sent)
+
+        for value in ("5.5", "11"):  # filled at once: each value sent once, no loop
+            assert sends(value) == 1, value
+        # typed key by key: once, or twice where Gradio's always_last trigger re-sends the value that was
+        # pending while "7" / "7." ran (seen once in a loaded full run; not pinned down); never a loop:
+        typed = sends("7.5")
+        assert 1 <= typed <= 2
+        page.wait_for_timeout(2000)
+        assert sends("7.5") == typed  # nothing more after the round trip to scale 4
         browser.close()
-    for shown in ("5.5", "0", "11", "no number", "7.5"):
-        assert log_lines(server, f"refused on_scale: Scale must be a whole number from 1 to 10, got {shown}\n") == 1
+    for shown, times in (("5.5", 1), ("0", 1), ("11", 1), ("no number", 1), ("7.5", typed)):  # one line a request
+        assert log_lines(server, f"refused on_scale: Scale must be a whole number from 1 to 10, got {shown}\n") == times
     log = Path(server.log.name).read_text()
     assert "Traceback" not in log and "ComponentProcessingError" not in log
 
